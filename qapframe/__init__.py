@@ -1,0 +1,36 @@
+"""qapframe: quantization-aware vision-token pruning plus post-training quantization for LLaVA-family models."""
+
+from qapframe.errors import QapframeError, SpecError
+from qapframe.models.base import ADAPTERS, ModelAdapter
+from qapframe.pipeline import Pipeline, quantize
+from qapframe.quantizers.base import QUANTIZERS, Quantizer
+from qapframe.registry import Registry
+from qapframe.spec import PipelineSpec, load_spec
+from qapframe.strategies.base import PRUNERS, SCORERS, Pruner, Scorer, Selection
+from qapframe.strategies.context import QuantSettings, ScoringContext
+from qapframe.strategy import Strategy, StrategyConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS",
+    "ModelAdapter",
+    "PRUNERS",
+    "Pipeline",
+    "PipelineSpec",
+    "Pruner",
+    "QUANTIZERS",
+    "QapframeError",
+    "QuantSettings",
+    "Quantizer",
+    "Registry",
+    "SCORERS",
+    "Scorer",
+    "ScoringContext",
+    "Selection",
+    "SpecError",
+    "Strategy",
+    "StrategyConfig",
+    "load_spec",
+    "quantize",
+]

@@ -1,0 +1,76 @@
+"""Plain-torch reference of the hybrid sensitivity: the ground truth every backend is tested against.
+
+Quantization convention (shared with the activation fake-quantizer): groups of ``group_size``
+consecutive channels (the last group may be shorter; -1 = the whole token), float32 arithmetic,
+round-half-to-even, and a group whose scale is zero is reproduced exactly.
+- asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``,
+  ``q = clamp(round(x / scale) + zero, 0, 2^b - 1)``, ``x_hat = (q - zero) * scale``;
+- symmetric: ``scale = max|x| / (2^(b-1) - 1)``, ``q = clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1)``,
+  ``x_hat = q * scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_args(x: torch.Tensor, bits: int, group_size: int) -> int:
+    """Validate inputs; return the effective group size."""
+    if x.dim() != 3:
+        raise ValueError(f"vision embeddings must have shape [B, N, D], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"vision embeddings must be float32, float16 or bfloat16, got {x.dtype}")
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    if group_size == -1:
+        return max(1, x.shape[-1])
+    if group_size < 1:
+        raise ValueError(f"group_size must be a positive channel count or -1 (whole token), got {group_size}")
+    return group_size
+
+
+def fake_quantize_groups(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize ``x [..., D]`` group-wise along the last dim, in float32."""
+    x = x.float()
+    d = x.shape[-1]
+    g = d if group_size == -1 else group_size
+    pad = (-d) % g
+    # Pad the short last group by repeating its first element: min, max and max|x| are unchanged.
+    if pad:
+        last_start = d - (d % g)
+        filler = x[..., last_start : last_start + 1].expand(*x.shape[:-1], pad)
+        x_padded = torch.cat([x, filler], dim=-1)
+    else:
+        x_padded = x
+    groups = x_padded.reshape(*x.shape[:-1], -1, g)  # [..., G, g]
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = groups.abs().amax(dim=-1, keepdim=True) / qmax
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.clamp(torch.round(groups / safe), -qmax - 1, qmax)
+        deq = q * safe
+    else:
+        qmax = 2**bits - 1
+        lo = groups.amin(dim=-1, keepdim=True)
+        hi = groups.amax(dim=-1, keepdim=True)
+        scale = (hi - lo) / qmax
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / safe)
+        q = torch.clamp(torch.round(groups / safe) + zero, 0, qmax)
+        deq = (q - zero) * safe
+    deq = torch.where(scale > 0, deq, groups)
+    return deq.reshape(*x.shape[:-1], -1)[..., :d]
+
+
+def hybrid_sensitivity_reference(
+    x: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, N, D]`` -> ``(E [B, N], R [B, N])``: quantization-error L2 norm and max - min, float32."""
+    check_args(x, bits, group_size)
+    xf = x.float()
+    error = (xf - fake_quantize_groups(xf, bits, group_size, symmetric)).norm(dim=-1)
+    spread = xf.amax(dim=-1) - xf.amin(dim=-1)
+    return error, spread
+
+
+__all__ = ["check_args", "fake_quantize_groups", "hybrid_sensitivity_reference"]

@@ -1,0 +1,69 @@
+"""What a scorer may look at: tensors only, never a model class (model adapters fill this in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The activation quantizer a token will pass through; the hybrid scorer simulates it."""
+
+    bits: int = 4
+    group_size: int = 128  # channels per quantization group; -1 = the whole token
+    symmetric: bool = False
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """Context fields a scorer needs beyond the vision embeddings; adapters compute only these."""
+
+    cls_attention: bool = False
+    vision_keys: bool = False
+    text_attention_layer: int | None = None  # LLM decoder layer whose attention rows are needed
+
+    def union(self, other: "Requirements") -> "Requirements":
+        layers = {self.text_attention_layer, other.text_attention_layer} - {None}
+        if len(layers) > 1:
+            raise ValueError(f"scorers ask for text attention at different LLM layers: {sorted(layers)}")
+        return Requirements(
+            cls_attention=self.cls_attention or other.cls_attention,
+            vision_keys=self.vision_keys or other.vision_keys,
+            text_attention_layer=layers.pop() if layers else None,
+        )
+
+
+@dataclass
+class ScoringContext:
+    """Per-image tensors for scoring; B counts images (or image crops), N vision tokens each."""
+
+    vision_embeds: torch.Tensor  # [B, N, D] projected embeddings the LLM receives
+    cls_attention: torch.Tensor | None = None  # [B, N] vision-encoder [CLS] -> patch attention, mean over heads
+    vision_keys: torch.Tensor | None = None  # [B, N, Dk] vision-encoder keys at the feature layer
+    text_attention: torch.Tensor | None = None  # [B, N] last text token -> vision tokens at layer K, mean over heads
+    quant: QuantSettings | None = None  # the pipeline's activation quantizer, if any
+    seed: int = 0
+    extras: dict = field(default_factory=dict)  # room for plugin scorers' adapter-provided data
+
+    @property
+    def batch_size(self) -> int:
+        return self.vision_embeds.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.vision_embeds.shape[1]
+
+    def require(self, name: str, scorer: str) -> torch.Tensor:
+        """Fetch a context tensor, explaining which scorer needed it when it is missing."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"scorer {scorer!r} needs `{name}` in the scoring context, but the model adapter did not "
+                f"provide it (does the scorer's `requirements()` declare it?)"
+            )
+        return value
+
+    def with_(self, **changes) -> "ScoringContext":
+        return replace(self, **changes)

@@ -1,0 +1,3 @@
+"""Built-in pruners; importing this package registers them."""
+
+from qapframe.strategies.pruners import topk  # noqa: F401
