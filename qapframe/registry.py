@@ -36,6 +36,11 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def _normalize(distribution: str) -> str:
+    """PEP 503 name: dist-info folders spell "my-plugin" as "my_plugin"."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
 class Registry(Generic[T]):
     """Name -> object map with lazy entry-point discovery and helpful lookup errors."""
 
@@ -79,7 +84,7 @@ class Registry(Generic[T]):
         for module in self._builtin_modules:
             importlib.import_module(module)
         for ep in entrypoints.get_group_all(self.group):
-            distro = f"{ep.distro.name} {ep.distro.version}" if ep.distro else "unknown distribution"
+            distro = f"{_normalize(ep.distro.name)} {ep.distro.version}" if ep.distro else "unknown distribution"
             source = f"{distro} ({ep.module_name}:{ep.object_name})"
             try:
                 obj = ep.load()

@@ -124,7 +124,7 @@ class OutputSpec(_Section):
     dir: str = Field("runs/qapframe", description="where results.jsonl, summary.md and plots go")
 
 
-SweepGrid = dict[str, list[Any]]
+SweepGrid = dict[str, Any]  # dotted path -> list of values (checked when expanding)
 
 
 class PipelineSpec(_Section):

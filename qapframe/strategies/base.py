@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from qapframe.registry import Registry
 from qapframe.strategies.context import Requirements, ScoringContext
@@ -55,12 +55,6 @@ class PrunerConfig(StrategyConfig):
 
     retention: float = Field(0.125, gt=0.0, le=1.0, description="fraction of vision tokens kept, in (0, 1]")
     num_tokens: int | None = Field(None, gt=0, description="tokens kept per image; overrides retention")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> "PrunerConfig":
-        if self.num_tokens is not None and "retention" in self.model_fields_set:
-            raise ValueError("set either `retention` or `num_tokens`, not both")
-        return self
 
 
 class Pruner(Strategy, abc.ABC):

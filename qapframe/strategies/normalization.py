@@ -43,7 +43,10 @@ def zscore(scores: torch.Tensor) -> torch.Tensor:
     x = scores.double()
     centred = x - x.mean(dim=-1, keepdim=True)
     std = centred.square().mean(dim=-1, keepdim=True).sqrt()
-    out = torch.where(std > 0, centred / std.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+    # Test constancy exactly: the mean of a constant row can round off its value, leaving a
+    # rounding-noise `centred` that dividing by its own std would blow up to +-1.
+    varying = x.amax(dim=-1, keepdim=True) > x.amin(dim=-1, keepdim=True)
+    out = torch.where(varying & (std > 0), centred / std.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
     return out.to(scores.dtype)
 
 

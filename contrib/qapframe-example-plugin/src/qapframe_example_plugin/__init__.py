@@ -1,0 +1,1 @@
+"""Example qapframe plugin; qapframe finds these classes through the entry points in pyproject.toml."""

@@ -1,0 +1,121 @@
+"""Builders for the toy LLaVA: word-level tokenizer, LLaVA processor, and the untrained model.
+
+The toy is a real `LlavaForConditionalGeneration` (CLIP vision tower, two-layer GELU projector,
+LLaMA LLM with RMSNorm and RoPE) laid out like LLaVA-1.5: CLS dropped, features from layer -2.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from qapframe.data.prompts import LETTERS, build_prompt
+from qapframe.data.synthetic import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, make_record
+
+PATCH_SIZE = 8
+NUM_VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS dropped ("default" select strategy)
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+# Records scanned for words: enough that every template/value combination appears.
+_VOCAB_SCAN = 3000
+
+# Sizes: a few million parameters, evaluation of ~200 questions in seconds on 2 CPU cores.
+VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Whitespace()  # words and punctuation runs
+
+
+def build_vocab() -> list[str]:
+    """Every word of the synthetic benchmark's prompts and answers, in a fixed order."""
+    texts = [*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *POSITIONS, *LETTERS, *map(str, range(10)), "yes", "no"]
+    for i in range(_VOCAB_SCAN):
+        record = make_record(0, "train", i)
+        texts.append(build_prompt(record).replace("<image>", " "))
+        texts.append(record.answer)
+    words: dict[str, None] = {}
+    pre = _pre_tokenizer()
+    for text in texts:
+        for word, _ in pre.pre_tokenize_str(text.lower()):
+            words.setdefault(word, None)
+    return [*SPECIAL_TOKENS, *sorted(words)]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, lower-cased, ``<s>`` prepended; left padding for batched generation."""
+    vocab = {w: i for i, w in enumerate(build_vocab())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=256,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
+    """CLIP preprocessing at the toy's resolution; ``<image>`` expands to `NUM_VISION_TOKENS` tokens."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or build_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+    )
+
+
+def build_config(vocab_size: int) -> LlavaConfig:
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=VISION["hidden_size"], **VISION)
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+        **TEXT,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_ID,
+        image_seq_length=NUM_VISION_TOKENS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=PAD_ID,
+    )
+
+
+def build_model(vocab_size: int, seed: int) -> LlavaForConditionalGeneration:
+    """A freshly initialised toy LLaVA (float32, CPU), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(build_config(vocab_size))
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    gen.do_sample = False
+    return model
+
+
+__all__ = ["NUM_VISION_TOKENS", "PATCH_SIZE", "build_config", "build_model", "build_processor", "build_tokenizer"]

@@ -1,0 +1,109 @@
+"""The pipeline spec: validation with field paths, file errors, YAML round trip, sweeps."""
+
+import json
+
+import pytest
+import yaml
+
+from qapframe import PipelineSpec, SpecError, load_spec
+from qapframe.spec import ScorerSpec
+
+
+def problems_of(data_or_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(data_or_path)
+    return dict(info.value.problems), info.value
+
+
+def test_strategy_params_are_validated_by_the_strategy_config():
+    spec = load_spec({"scorer": {"name": "l2norm"}, "pruner": {"name": "topk", "retention": 0.25}})
+    assert spec.pruner.config.retention == 0.25
+    assert type(spec.pruner.build()).__name__ == "TopKPruner"
+
+
+def test_errors_name_the_field_path_and_what_is_valid():
+    problems, _ = problems_of({"scorer": {"name": "l2norm"}, "pruner": {"name": "topk", "retention": 1.5}})
+    assert "less than or equal to 1" in problems["pruner.retention"]
+    problems, _ = problems_of({"scorer": {"name": "fastvv"}})
+    assert "known scorers" in problems["scorer.name"]
+
+
+def test_unknown_keys_are_rejected_at_every_level():
+    problems, _ = problems_of(
+        {"modle": {}, "evaluation": {"sedes": [1]}, "scorer": {"name": "l2norm", "alpha": 1}}
+    )
+    assert set(problems) == {"modle", "evaluation.sedes", "scorer.alpha"}
+
+
+def test_nested_scorer_errors_carry_the_nested_path():
+    problems, _ = problems_of(
+        {"scorer": {"name": "fused", "scorers": [{"scorer": {"name": "l2norm"}}, {"scorer": {"name": "nope"}}]}}
+    )
+    assert "scorer.scorers[1].scorer.name" in problems
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pruner: {name: topk, retention: 0}\nscorer: {name: random}\n")
+    problems, error = problems_of(bad)
+    assert error.source == str(bad) and str(bad) in str(error)
+    assert "greater than 0" in problems["pruner.retention"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("scorer: [unclosed\n")
+    problems, _ = problems_of(broken)
+    assert "(syntax)" in problems
+    problems, _ = problems_of(tmp_path / "missing.yaml")
+    assert problems["(file)"] == "no such file"
+
+
+def test_yaml_round_trip_is_lossless(tmp_path):
+    spec = load_spec(
+        {
+            "quantizer": None,
+            "scorer": {"name": "fused", "scorers": [{"scorer": {"name": "l2norm"}, "weight": 0.3}]},
+            "pruner": {"name": "topk", "num_tokens": 16},
+            "evaluation": {"seeds": [0, 1, 2]},
+        }
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec.to_yaml())
+    again = load_spec(path)
+    assert again.to_dict() == spec.to_dict()
+    json_path = tmp_path / "spec.json"
+    json_path.write_text(json.dumps(spec.to_dict()))
+    assert load_spec(json_path).to_dict() == spec.to_dict()
+
+
+def test_scorer_without_pruner_gets_topk_and_pruner_without_scorer_is_an_error():
+    assert load_spec({"scorer": {"name": "random"}}).pruner.name == "topk"
+    problems, _ = problems_of({"pruner": {"name": "topk"}})
+    assert "scorer" in " ".join(problems.values())
+
+
+def test_sweep_expands_to_the_union_of_grid_products():
+    spec = load_spec(
+        {
+            "scorer": {"name": "random"},
+            "sweep": [
+                {"pruner.retention": [0.5, 0.25], "scorer": [{"name": "random"}, {"name": "l2norm"}]},
+                {"scorer": [None], "pruner": [None]},
+                {"pruner.retention": [0.5]},  # already covered by the first grid: run once
+            ],
+        }
+    )
+    runs = [(s.scorer.name if s.scorer else None, s.pruner.config.retention if s.pruner else None) for s in spec.expand()]
+    assert runs == [("random", 0.5), ("l2norm", 0.5), ("random", 0.25), ("l2norm", 0.25), (None, None)]
+    assert all(not s.sweep for s in spec.expand())
+
+
+def test_sweep_errors_name_the_grid_and_the_value():
+    problems, _ = problems_of({"scorer": {"name": "random"}, "sweep": {"pruner.retention": [0.5, 2.0]}})
+    assert any(path.startswith("sweep[0]") and "2.0" in path for path in problems)
+    problems, _ = problems_of({"sweep": {"pruner.retention": 0.5}})
+    assert problems["sweep[0].pruner.retention"] == "must be a non-empty list of values"
+
+
+def test_strategy_spec_serializes_with_defaults_filled_in():
+    dumped = ScorerSpec(name="fused", scorers=[{"scorer": {"name": "random"}}]).model_dump()
+    assert dumped == {"name": "fused", "scorers": [{"scorer": {"name": "random"}, "weight": 1.0}], "normalization": "minmax"}
+    assert yaml.safe_load(PipelineSpec().to_yaml())["model"]["path"] == "toy"
