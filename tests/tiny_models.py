@@ -95,3 +95,36 @@ def llava_inputs(batch_size: int = 1, prompt_lengths: list[int] | None = None, s
         attention_mask[i, width - len(row) :] = 1
     pixel_values = torch.randn(len(rows), 3, 32, 32, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def llava_next_inputs(
+    model: LlavaNextForConditionalGeneration,
+    image_sizes: list[tuple[int, int]],
+    prompt_lengths: list[int] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompts ``[text..., <image> x N_i, text...]`` for `tiny_llava_next`, one image per row.
+
+    ``image_sizes`` (H, W) pick the anyres grid, so rows get different numbers of image tokens.
+    """
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size) for s in image_sizes]
+    pixel_values = torch.randn(len(image_sizes), max(crops), 3, 32, 32, generator=generator)
+    sizes = torch.tensor(image_sizes)
+    with torch.no_grad():
+        lengths = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    rows = []
+    for n, length in zip(lengths, prompt_lengths or [6] * len(image_sizes)):
+        before = torch.randint(4, VOCAB_SIZE, (2,), generator=generator).tolist()
+        after = torch.randint(4, VOCAB_SIZE, (length,), generator=generator).tolist()
+        rows.append([1] + before + [IMAGE_TOKEN_ID] * n + after)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "image_sizes": sizes}

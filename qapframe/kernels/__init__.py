@@ -1,25 +1,83 @@
 """Scoring kernels for the hybrid (QAPruner) sensitivity, with one dispatch over backends.
 
-Backends: ``torch`` (the reference), ``numba-cpu`` and ``numba-cuda`` (added by their modules when
-numba is importable). `hybrid_sensitivity` picks one from the tensor's device unless told.
+Backends: ``torch`` (the reference, any device), ``numba-cpu`` (CPU tensors) and ``numba-cuda`` (CUDA
+tensors; also CPU tensors, copied, which is how the CUDA simulator runs it). A numba backend is
+registered only where it can run; `UNAVAILABLE` says why one is missing. `hybrid_sensitivity` picks
+one from the tensor's device unless told.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from qapframe.kernels.reference import check_args, hybrid_sensitivity_reference
+from qapframe.kernels.reference import check_args, hybrid_sensitivity_reference, sensitivity_score_reference
 
 Kernel = Callable[[torch.Tensor, int, int, bool], "tuple[torch.Tensor, torch.Tensor]"]
+ScoreKernel = Callable[[torch.Tensor, int, int, bool], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
-BACKENDS: dict[str, Kernel] = {"torch": hybrid_sensitivity_reference}
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's kernels: ``sensitivity`` -> (E, R), ``score`` -> (E, R, SQ), all ``[B, N]`` float32.
+
+    Calling a backend runs ``sensitivity``, so ``BACKENDS[name](x, bits, group_size, symmetric)`` works.
+    """
+
+    name: str
+    sensitivity: Kernel
+    score: ScoreKernel
+    devices: tuple[str, ...] | None  # tensor device types it accepts; None = any
+
+    def __call__(self, x: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+        return self.sensitivity(x, bits, group_size, symmetric)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", hybrid_sensitivity_reference, sensitivity_score_reference, None)
+}
+UNAVAILABLE: dict[str, str] = {}  # backend name -> why it is not registered
+
+
+def _register_optional(name: str, module: str, prefix: str, devices: tuple[str, ...]) -> None:
+    try:
+        mod = importlib.import_module(f"qapframe.kernels.{module}")
+        reason = mod.unavailable_reason() if hasattr(mod, "unavailable_reason") else None
+    except Exception as exc:  # a broken numba install must not take the package down
+        reason = f"importing qapframe.kernels.{module} failed: {type(exc).__name__}: {exc}"
+    if reason:
+        UNAVAILABLE[name] = reason
+        return
+    BACKENDS[name] = Backend(
+        name, getattr(mod, f"hybrid_sensitivity_{prefix}"), getattr(mod, f"sensitivity_score_{prefix}"), devices
+    )
+
+
+_register_optional("numba-cpu", "cpu", "cpu", ("cpu",))
+_register_optional("numba-cuda", "cuda", "cuda", ("cuda", "cpu"))
 
 
 def _default_backend(x: torch.Tensor) -> str:
     preferred = "numba-cuda" if x.is_cuda else "numba-cpu"
     return preferred if preferred in BACKENDS else "torch"
+
+
+def _resolve(x: torch.Tensor, backend: str | None) -> Backend:
+    name = backend or _default_backend(x)
+    available = ", ".join(BACKENDS)
+    if name not in BACKENDS:
+        why = f" ({UNAVAILABLE[name]})" if name in UNAVAILABLE else ""
+        raise ValueError(f"scoring backend {name!r} is not available{why}; available: {available}")
+    chosen = BACKENDS[name]
+    if chosen.devices is not None and x.device.type not in chosen.devices:
+        raise ValueError(
+            f"scoring backend {name!r} takes {' or '.join(chosen.devices)} tensors, got one on {x.device}; "
+            f"available: {available}"
+        )
+    return chosen
 
 
 def hybrid_sensitivity(
@@ -30,12 +88,31 @@ def hybrid_sensitivity(
     E is the L2 norm of the group-wise quantize-dequantize error, R the token's max - min.
     """
     check_args(x, bits, group_size)
-    name = backend or _default_backend(x)
-    try:
-        kernel = BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"scoring backend {name!r} is not available; available: {', '.join(BACKENDS)}") from None
-    return kernel(x, bits, group_size, symmetric)
+    return _resolve(x, backend).sensitivity(x, bits, group_size, symmetric)
 
 
-__all__ = ["BACKENDS", "hybrid_sensitivity", "hybrid_sensitivity_reference"]
+def sensitivity_score(
+    x: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False, backend: str | None = None
+) -> torch.Tensor:
+    """``x [B, N, D]`` -> ``SQ [B, N] = 0.5 * minmax(E) + 0.5 * minmax(R)`` per image, float32.
+
+    Equal to the minmax `fuse` of `qapframe.strategies.normalization`, computed in the same kernel call.
+    """
+    check_args(x, bits, group_size)
+    error, spread, score = _resolve(x, backend).score(x, bits, group_size, symmetric)
+    bad = ~(torch.isfinite(error) & torch.isfinite(spread))
+    if bad.any():
+        rows = sorted(set(bad.nonzero()[:, 0].tolist()))
+        raise ValueError(f"vision embeddings give non-finite E or R (images {rows[:8]}); inputs must be finite")
+    return score
+
+
+__all__ = [
+    "BACKENDS",
+    "UNAVAILABLE",
+    "Backend",
+    "hybrid_sensitivity",
+    "hybrid_sensitivity_reference",
+    "sensitivity_score",
+    "sensitivity_score_reference",
+]

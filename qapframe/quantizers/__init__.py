@@ -1,5 +1,15 @@
-"""Post-training quantizers; importing this package registers the built-ins."""
+"""Post-training quantizers; importing this package registers the built-ins (rtn, gptq, awq, smoothquant)."""
 
 from qapframe.quantizers.base import QUANTIZERS, CalibrationData, Quantizer
+from qapframe.quantizers.config import PRESETS, QuantizerConfig
+from qapframe.quantizers.fake_quant import QuantizedLinear
+from qapframe.quantizers.rtn import RTN
+from qapframe.quantizers.gptq import GPTQ
+from qapframe.quantizers.awq import AWQ
+from qapframe.quantizers.smoothquant import SmoothQuant
+from qapframe.quantizers.serialization import load_quantized, save_quantized
 
-__all__ = ["QUANTIZERS", "CalibrationData", "Quantizer"]
+__all__ = [
+    "AWQ", "CalibrationData", "GPTQ", "PRESETS", "QUANTIZERS", "QuantizedLinear", "Quantizer", "QuantizerConfig",
+    "RTN", "SmoothQuant", "load_quantized", "save_quantized",
+]

@@ -73,6 +73,10 @@ class Pruner(Strategy, abc.ABC):
     def select(self, scores: torch.Tensor, context: ScoringContext) -> Selection:
         """``scores [B, N]`` -> a selection of ``budget(N)`` tokens per image."""
 
+    def requirements(self) -> Requirements:
+        """Context the pruner itself needs (e.g. keys for merging), unioned with the scorer's."""
+        return Requirements()
+
 
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[B, k]`` of the k highest scores per row, in ascending (original) order.

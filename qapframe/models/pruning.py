@@ -1,0 +1,169 @@
+"""Architecture-neutral pruning steps shared by the adapters: per-image selection and sequence rebuilding.
+
+Every adapter describes each image as an `ImageTokens` (its projected tokens as the LLM receives them,
+plus what the scorers may need), calls `select_per_image`, and then either rebuilds the LLM input
+(`rebuild_sequences`, pre-LLM pruning) or gathers hidden states inside the LLM (`qapframe.models.inllm`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qapframe.strategies.base import Pruner, Scorer
+from qapframe.strategies.context import QuantSettings, Requirements, ScoringContext
+
+
+@dataclass
+class ImageTokens:
+    """One image's vision tokens, in the order the LLM sees them."""
+
+    features: torch.Tensor  # [N, D] projected embeddings
+    prunable: torch.Tensor  # [N] bool; False = structural tokens that are always kept (LLaVA-NeXT newlines)
+    cls_attention: torch.Tensor | None = None  # [N] vision-encoder [CLS] attention (0 where not prunable)
+    keys: torch.Tensor | None = None  # [N, Dk] vision-encoder keys (0 where not prunable)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class ImageSelection:
+    """What survived of one image: indices into its N tokens (ascending) and appended merged tokens."""
+
+    keep_index: torch.Tensor  # [K] int64, ascending
+    extra_tokens: torch.Tensor | None  # [M, D]
+    scores: torch.Tensor  # [P] scores of the prunable tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keep_index.numel() + (0 if self.extra_tokens is None else self.extra_tokens.shape[0])
+
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """``features [N, D]`` -> the LLM's tokens for this image ``[K + M, D]``."""
+        kept = features[self.keep_index]
+        if self.extra_tokens is None:
+            return kept
+        return torch.cat([kept, self.extra_tokens.to(kept.dtype)], dim=0)
+
+
+def requirements_of(scorer: Scorer, pruner: Pruner) -> Requirements:
+    """What the adapter must compute: the scorer's needs plus the pruner's (VisionZip merges by keys)."""
+    return scorer.requirements().union(pruner.requirements())
+
+
+def select_per_image(
+    scorer: Scorer,
+    pruner: Pruner,
+    images: list[ImageTokens],
+    quant: QuantSettings | None,
+    seed: int,
+    text_attention: list[torch.Tensor] | None = None,  # per image [N]
+) -> list[ImageSelection]:
+    """Score and select each image's prunable tokens; images with equal token counts share one batch.
+
+    Scores are normalized per context row by the scorers, i.e. per image over all of its crops.
+    """
+    out: list[ImageSelection | None] = [None] * len(images)
+    groups: dict[int, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(int(image.prunable.sum()), []).append(i)
+    for count, members in groups.items():
+        idx = [images[i].prunable.nonzero().squeeze(-1) for i in members]  # [P] each
+
+        def stack(get):
+            values = [get(images[i]) for i in members]
+            return None if any(v is None for v in values) else torch.stack([v[j] for v, j in zip(values, idx)])
+
+        context = ScoringContext(
+            vision_embeds=stack(lambda im: im.features),  # [G, P, D]
+            cls_attention=stack(lambda im: im.cls_attention),  # [G, P]
+            vision_keys=stack(lambda im: im.keys),  # [G, P, Dk]
+            text_attention=None if text_attention is None else torch.stack(
+                [text_attention[i][j] for i, j in zip(members, idx)]
+            ),
+            quant=quant,
+            seed=seed,
+        )
+        scores = scorer.score(context)  # [G, P]
+        if scores.shape != (len(members), count):
+            raise ValueError(
+                f"scorer {scorer.name!r} returned scores of shape {tuple(scores.shape)}, expected {(len(members), count)}"
+            )
+        selection = pruner.select(scores, context)
+        for g, i in enumerate(members):
+            structural = (~images[i].prunable).nonzero().squeeze(-1)
+            keep = torch.cat([idx[g][selection.keep_index[g].to(idx[g].device)], structural]).sort().values
+            extra = None if selection.extra_tokens is None else selection.extra_tokens[g]
+            out[i] = ImageSelection(keep_index=keep, extra_tokens=extra, scores=scores[g].detach())
+    return out  # type: ignore[return-value]
+
+
+def image_spans(vision_mask: torch.Tensor, lengths: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """Assign images to placeholder positions: ``vision_mask [B, L]`` (image tokens), images in row-major
+    order with ``lengths`` tokens each -> ``(row, positions [N_i])`` per image."""
+    rows, cols = vision_mask.nonzero(as_tuple=True)  # row-major order, as masked_scatter fills them
+    if rows.numel() != sum(lengths):
+        raise ValueError(f"the prompt has {rows.numel()} image tokens but the images have {sum(lengths)} features")
+    spans, start = [], 0
+    for n in lengths:
+        row = rows[start : start + n]
+        if n and (row != row[0]).any():
+            raise ValueError("an image's placeholder tokens span two batch rows; check the prompt's image tokens")
+        spans.append((int(row[0]) if n else 0, cols[start : start + n]))
+        start += n
+    return spans
+
+
+def uses_right_padding(attention_mask: torch.Tensor | None) -> bool:
+    """Right padding iff some row ends in padding (generate always left-pads decoder-only models)."""
+    return attention_mask is not None and bool((attention_mask[:, -1] == 0).any())
+
+
+def stack_padded(rows: list[torch.Tensor], fill: torch.Tensor | float, right_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad rows ``[L_r, *]`` to a common length on one side -> ``([B, L', *], mask [B, L'] int64)``."""
+    width = max(r.shape[0] for r in rows)
+    out, mask = [], []
+    for r in rows:
+        pad = width - r.shape[0]
+        filler = torch.as_tensor(fill, dtype=r.dtype, device=r.device).expand(pad, *r.shape[1:])
+        ones = torch.ones(r.shape[0], dtype=torch.long, device=r.device)
+        zeros = torch.zeros(pad, dtype=torch.long, device=r.device)
+        out.append(torch.cat([r, filler] if right_pad else [filler, r]))
+        mask.append(torch.cat([ones, zeros] if right_pad else [zeros, ones]))
+    return torch.stack(out), torch.stack(mask)
+
+
+def rebuild_sequences(
+    text_embeds: torch.Tensor,  # [B, L, D] embeddings of the prompt (placeholders included)
+    attention_mask: torch.Tensor | None,  # [B, L]
+    spans: list[tuple[int, torch.Tensor]],  # per image (row, placeholder positions [N_i]), from `image_spans`
+    image_tokens: list[torch.Tensor],  # per image the tokens that replace its placeholders [K_i, D]
+    pad_embed: torch.Tensor,  # [D]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each image's placeholder run by its kept tokens -> ``(inputs_embeds [B, L', D], mask [B, L'])``.
+
+    Padding is dropped and re-added on the same side, so rows may shrink by different amounts.
+    """
+    b, length = text_embeds.shape[:2]
+    mask = torch.ones(b, length, dtype=torch.long, device=text_embeds.device) if attention_mask is None else attention_mask
+    per_row: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(b)]
+    for (row, positions), tokens in zip(spans, image_tokens):
+        if positions.numel() and (positions.diff() != 1).any():
+            raise ValueError(f"image placeholder tokens in row {row} are not contiguous")
+        per_row[row].append((positions, tokens))
+    rows = []
+    for r in range(b):
+        pieces, cursor = [], 0
+        real = mask[r].bool()
+        for positions, tokens in per_row[r]:
+            start = int(positions[0]) if positions.numel() else cursor
+            pieces.append(text_embeds[r, cursor:start][real[cursor:start]])
+            pieces.append(tokens.to(text_embeds.dtype))
+            cursor = start + positions.numel()
+        pieces.append(text_embeds[r, cursor:][real[cursor:]])
+        rows.append(torch.cat(pieces))
+    embeds, new_mask = stack_padded(rows, pad_embed.to(text_embeds.dtype), uses_right_padding(attention_mask))
+    return embeds, new_mask.to(mask.dtype)

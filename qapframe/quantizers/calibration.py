@@ -1,0 +1,248 @@
+"""Calibration plumbing: choose samples, capture what enters each repeated block, run block by block.
+
+`calibrate_sequential` finds the model's repeated blocks (the `nn.ModuleList` of one block class holding
+the most target Linears: ``language_model.layers`` in LLaVA, ``encoder.layer`` in BERT), captures the
+first block's inputs (args and kwargs: masks, position embeddings) with a pre-hook that stops the
+forward, then hands one block at a time to the quantizer and feeds the block's *quantized* output to
+the next block. Peak memory is one block plus the calibration activations. Linears outside the blocks
+(or every Linear, when no blocks are found) are calibrated by running the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from qapframe.quantizers.targets import set_module
+
+log = logging.getLogger("qapframe.quantizers")
+
+
+@dataclass
+class BlockInput:
+    """One calibration sample as a module call; ``mask [B, T]`` marks real (non-padding) tokens."""
+
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor | None = None
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+def select_samples(calibration: Iterable[Mapping[str, Any]] | None, count: int, seed: int,
+                   device: torch.device) -> list[dict]:
+    """Up to ``count`` input dicts (a seeded choice when more are given), tensors moved to ``device``."""
+    if calibration is None:
+        return []
+    samples = list(calibration)
+    if len(samples) > count:
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count]
+        samples = [samples[i] for i in sorted(order.tolist())]
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, Mapping):
+            raise TypeError(f"calibration item {i} must be a dict of model inputs, got {type(sample).__name__}")
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in samples]
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a module output: a tensor, the first item of a tuple or a ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        return first_tensor(next(iter(output.values())))
+    return first_tensor(output[0])
+
+
+def token_mask(sample: Mapping[str, Any]) -> torch.Tensor | None:
+    mask = sample.get("attention_mask")
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def valid_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x [B, T, D]`` -> ``[n, D]``: the tokens the mask marks real (all tokens when shapes differ)."""
+    if mask is not None and x.shape[:-1] == mask.shape:
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+class BlockData:
+    """A module (a block, or the whole model) with its calibration inputs; runs it and observes its Linears."""
+
+    def __init__(self, module: nn.Module, inputs: list[BlockInput]):
+        self.module = module
+        self.inputs = inputs
+        self._mask: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def forward(self, limit: int | None = None) -> list[torch.Tensor]:
+        """The module's main output for each input (the first ``limit`` inputs)."""
+        outputs = []
+        for inp in self.inputs[:limit]:
+            self._mask = inp.mask
+            outputs.append(first_tensor(self.module(*inp.args, **inp.kwargs)))
+        self._mask = None
+        return outputs
+
+    @contextlib.contextmanager
+    def observe(self, modules: Mapping[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """While active, ``fn(name, tokens [n, I])`` receives the real tokens entering each module."""
+
+        def make(name: str) -> Callable:
+            return lambda module, x: fn(name, valid_tokens(x.detach(), self._mask))
+
+        attached = [(m, make(n)) for n, m in modules.items()]
+        for module, callback in attached:
+            module.observers.append(callback)
+        try:
+            yield
+        finally:
+            for module, callback in attached:
+                module.observers.remove(callback)
+
+    @torch.no_grad()
+    def input_groups(self, modules: Mapping[str, nn.Module]) -> list[list[str]]:
+        """Modules grouped by the input tensor they share (e.g. q/k/v), groups in call order."""
+        seen: list[tuple[str, torch.Tensor]] = []  # keeps inputs alive so no address is reused mid-pass
+
+        def record(name: str) -> Callable:
+            return lambda module, x: seen.append((name, x))
+
+        attached = [(m, record(n)) for n, m in modules.items()]
+        for module, callback in attached:
+            module.observers.append(callback)
+        try:
+            self.forward(limit=1)
+        finally:
+            for module, callback in attached:
+                module.observers.remove(callback)
+        groups: list[tuple[torch.Tensor, list[str]]] = []
+        for name, x in seen:
+            if any(name in members for _, members in groups):
+                continue  # a module called twice keeps its first group
+            for tensor, members in groups:
+                if tensor is x or (tensor.data_ptr() == x.data_ptr() and tensor.shape == x.shape):
+                    members.append(name)
+                    break
+            else:
+                groups.append((x, [name]))
+        called = {n for _, members in groups for n in members}
+        return [members for _, members in groups] + [[n] for n in modules if n not in called]
+
+
+def find_blocks(model: nn.Module, target_names: Iterable[str]) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of identical block classes that holds the most target Linears."""
+    targets = list(target_names)
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        count = sum(1 for t in targets if t.startswith(f"{name}."))
+        if count > best_count:
+            best, best_count = (name, module), count
+    return best
+
+
+def _drop_caches(kwargs: dict) -> dict:
+    """Blocks are re-run many times: a KV cache would grow with each run, so calibration runs without one."""
+    from transformers.cache_utils import Cache
+
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, Cache) or key in ("past_key_values", "past_key_value", "cache"):
+            value = None
+        elif key == "use_cache":
+            value = False
+        out[key] = value
+    return out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, samples: list[dict]) -> list[BlockInput]:
+    """What each calibration sample passes to ``block`` (the first repeated block)."""
+    captured: list[BlockInput] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(BlockInput(tuple(args), _drop_caches(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for sample in samples:
+            before = len(captured)
+            try:
+                model(**sample)
+            except _StopForward:
+                pass
+            if len(captured) != before + 1:
+                raise RuntimeError("the first block was not called by the model's forward")
+            captured[-1].mask = token_mask(sample)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _with_hidden(inp: BlockInput, hidden: torch.Tensor) -> BlockInput:
+    if inp.args:
+        return BlockInput((hidden, *inp.args[1:]), inp.kwargs, inp.mask)
+    if "hidden_states" in inp.kwargs:
+        return BlockInput((), {**inp.kwargs, "hidden_states": hidden}, inp.mask)
+    raise RuntimeError("cannot tell which block argument carries the hidden states")
+
+
+Process = Callable[[BlockData, dict[str, nn.Module]], None]
+
+
+def calibrate_sequential(model: nn.Module, linears: dict[str, nn.Linear], samples: list[dict],
+                         wrap: Callable[[nn.Linear], nn.Module], process: Process) -> None:
+    """Wrap and ``process`` the target ``linears`` block by block (see the module docstring).
+
+    ``process(data, modules)`` gets the block with its inputs and the wrapped modules of that block,
+    keyed by name relative to ``data.module``; it must leave them quantized.
+    """
+    remaining = dict(linears)
+    found = find_blocks(model, linears)
+    inputs: list[BlockInput] | None = None
+    if found is not None:
+        prefix, blocks = found
+        try:
+            inputs = capture_block_inputs(model, blocks[0], samples)
+        except Exception as exc:  # any architecture surprise: the whole-model path still works
+            log.warning("qapframe: block-by-block calibration unavailable (%s: %s); hooking all Linears at once",
+                        type(exc).__name__, exc)
+    else:
+        log.warning("qapframe: no repeated blocks found; calibrating all target Linears in one pass over the model")
+    if inputs is not None:
+        log.info("qapframe: calibrating %d blocks of %s sequentially", len(blocks), prefix)
+        for i, block in enumerate(blocks):
+            block_prefix = f"{prefix}.{i}."
+            names = [n for n in remaining if n.startswith(block_prefix)]
+            data = BlockData(block, inputs)
+            if names:
+                modules = {}
+                for name in names:
+                    modules[name[len(block_prefix):]] = wrapped = wrap(remaining.pop(name))
+                    set_module(model, name, wrapped)
+                process(data, modules)
+            if i + 1 < len(blocks):
+                inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, data.forward())]
+    if remaining:
+        modules = {}
+        for name, linear in remaining.items():
+            modules[name] = wrapped = wrap(linear)
+            set_module(model, name, wrapped)
+        process(BlockData(model, [BlockInput((), s, token_mask(s)) for s in samples]), modules)
+
+
+__all__ = [
+    "BlockData", "BlockInput", "calibrate_sequential", "capture_block_inputs", "find_blocks", "first_tensor",
+    "select_samples", "valid_tokens",
+]

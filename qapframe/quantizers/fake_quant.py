@@ -1,0 +1,190 @@
+"""Weight and activation quantize-dequantize, and `QuantizedLinear`, the module that carries the codes.
+
+The grid is the one of `qapframe.kernels.reference.fake_quantize_groups` (float32, round-half-even,
+plain min/max, asymmetric zero point ``round(-min / scale)``), so a weight quantized here equals that
+function's output and the activation quantizer *is* that function. Weights keep their integer codes,
+scales and zero points; the dequantized weight is a cache rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qapframe.kernels.reference import fake_quantize_groups
+from qapframe.quantizers.config import ActSpec, WeightSpec
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Smallest and largest integer code."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def qparams(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the groups along the last dim: ``x [..., g]`` -> ``([..., 1], [..., 1])`` float32.
+
+    A constant group (zero range) gets scale ``|value|`` so that its value is still represented exactly.
+    """
+    x = x.float()
+    if symmetric:
+        scale = x.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale)
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    scale = (hi - lo) / (2**bits - 1)
+    fallback = torch.where(lo != 0, lo.abs(), torch.ones_like(lo))
+    scale = torch.where(scale > 0, scale, fallback)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Integer codes (as float32) of ``x`` on the grid ``(scale, zero)`` (broadcast)."""
+    lo, hi = code_range(bits, symmetric)
+    return torch.clamp(torch.round(x.float() / scale) + zero, lo, hi)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes.float() - zero) * scale
+
+
+def group_index(in_features: int, group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Group of each input channel ``[I]``; with ``perm`` (act order) groups run along the permuted order."""
+    g = in_features if group_size == -1 else group_size
+    order_groups = torch.arange(in_features) // g
+    if perm is None:
+        return order_groups.int()
+    idx = torch.empty(in_features, dtype=torch.int32)
+    idx[perm] = order_groups.int()
+    return idx
+
+
+def quantize_weight_rtn(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: ``W [O, I]`` -> ``(codes [O, I], scales [O, G], zeros [O, G], g_idx [I])``."""
+    out_f, in_f = weight.shape
+    g = in_f if spec.group_size == -1 else spec.group_size
+    pad = (-in_f) % g
+    w = weight.float()
+    if pad:  # repeat the last group's first column: its min/max are unchanged
+        w = torch.cat([w, w[:, in_f - in_f % g : in_f - in_f % g + 1].expand(out_f, pad)], dim=1)
+    groups = w.reshape(out_f, -1, g)  # [O, G, g]
+    scale, zero = qparams(groups, spec.bits, spec.symmetric)
+    codes = quantize(groups, scale, zero, spec.bits, spec.symmetric).reshape(out_f, -1)[:, :in_f]
+    return codes, scale.squeeze(-1), zero.squeeze(-1), group_index(in_f, spec.group_size)
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """``codes [O, I]``, ``scales/zeros [O, G]``, ``g_idx [I]`` -> float32 ``[O, I]``."""
+    idx = g_idx.long()
+    return dequantize(codes, scales[:, idx], zeros[:, idx])
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes a Linear's input: dynamic per token/group, or static per tensor from calibration."""
+
+    def __init__(self, spec: ActSpec):
+        super().__init__()
+        self.spec = spec
+        self.enabled = False  # switched on once the module's weights are quantized (and static ranges calibrated)
+        # Static range, float32 scalars; +/-inf until observed.
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.lo = torch.minimum(self.lo, x.detach().float().amin())
+        self.hi = torch.maximum(self.hi, x.detach().float().amax())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D], same dtype
+        if not self.enabled:
+            return x
+        s = self.spec
+        if s.dynamic:
+            return fake_quantize_groups(x, s.bits, s.group_size, s.symmetric).to(x.dtype)
+        if not torch.isfinite(self.lo):
+            raise RuntimeError("static activation quantizer was never calibrated; pass calibration data")
+        scale, zero = qparams(torch.stack([self.lo, self.hi]), s.bits, s.symmetric)
+        return dequantize(quantize(x, scale, zero, s.bits, s.symmetric), scale, zero).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"bits={s.bits}, group_size={s.group_size}, symmetric={s.symmetric}, dynamic={s.dynamic}"
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear with fake-quantized weights (codes, scales, zeros kept) and an optional input quantizer.
+
+    Before `set_quantized` it computes in full precision (calibration phase). ``smooth`` holds
+    per-input-channel SmoothQuant/AWQ divisors that no preceding op could absorb: the input is divided
+    by them before the activation quantizer, exactly as if they had been folded upstream.
+    Forward: ``x [..., I]`` -> ``[..., O]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: WeightSpec,
+                 act_spec: ActSpec | None, dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_spec = weight_spec
+        groups = 1 if weight_spec.group_size == -1 else -(-in_features // weight_spec.group_size)
+        code_dtype = torch.int8 if weight_spec.symmetric else torch.uint8
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=code_dtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("g_idx", group_index(in_features, weight_spec.group_size).to(device))
+        # The dequantized weight is derived data: not saved, rebuilt from the codes on load.
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype, device=device), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.register_buffer("smooth", None)  # [I] float32 input divisors, when smoothing could not be folded
+        self.act_quant = ActQuantizer(act_spec) if act_spec is not None else None
+        self.quantized = False
+        self.observers: list = []  # calibration callbacks seeing the (smoothed) input
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_spec: WeightSpec, act_spec: ActSpec | None) -> "QuantizedLinear":
+        """An fp copy of ``linear`` ready for calibration; weights are quantized later by `set_quantized`."""
+        w = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec, w.dtype, w.device)
+        module.weight = w.detach().clone()
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().clone()
+        return module
+
+    def set_smooth(self, divisor: torch.Tensor) -> None:
+        """Divide the input by ``divisor [I]`` (accumulating) and multiply the weight's columns by it."""
+        divisor = divisor.float()
+        self.weight = (self.weight.float() * divisor).to(self.weight.dtype)
+        total = divisor if self.smooth is None else self.smooth * divisor
+        self.smooth = total.to(self.weight.device)
+
+    def set_quantized(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> None:
+        """Store the integer weight and execute with it (the activation quantizer is enabled separately)."""
+        self.qweight = codes.to(self.qweight.dtype).to(self.qweight.device)
+        self.scales = scales.float().to(self.qweight.device)
+        self.zeros = zeros.float().to(self.qweight.device)
+        self.g_idx = g_idx.int().to(self.qweight.device)
+        self.refresh_weight()
+        self.quantized = True
+
+    def refresh_weight(self) -> None:
+        self.weight = dequantize_weight(self.qweight, self.scales, self.zeros, self.g_idx).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = (x.float() / self.smooth).to(x.dtype)
+        for observe in self.observers:
+            observe(self, x)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        w = self.weight_spec
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={w.bits}, "
+                f"group_size={w.group_size}, symmetric={w.symmetric}, quantized={self.quantized}")
+
+
+__all__ = [
+    "ActQuantizer", "QuantizedLinear", "code_range", "dequantize", "dequantize_weight", "group_index",
+    "qparams", "quantize", "quantize_weight_rtn",
+]

@@ -1,0 +1,89 @@
+"""The shared quantizer driver: pick target Linears, wrap them, calibrate block by block, quantize."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qapframe.quantizers.base import CalibrationData, Quantizer
+from qapframe.quantizers.calibration import BlockData, calibrate_sequential, select_samples
+from qapframe.quantizers.config import QuantizerConfig
+from qapframe.quantizers.fake_quant import QuantizedLinear, quantize_weight_rtn
+from qapframe.quantizers.targets import select_linears, set_module
+
+QUANT_CONFIG_ATTR = "qapframe_quantization"  # set on a quantized model: the quantizer's name and config
+
+
+class LayerwiseQuantizer(Quantizer):
+    """Base of the built-in quantizers; subclasses override `process_block` (default: round to nearest)."""
+
+    Config = QuantizerConfig
+    config: QuantizerConfig
+
+    def needs_calibration(self) -> bool:
+        return self.config.act_spec is not None and not self.config.act_spec.dynamic
+
+    def activation_settings(self) -> dict[str, Any] | None:
+        spec = self.config.act_spec
+        if spec is None:
+            return None
+        return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
+
+    def wrap(self, linear: nn.Linear) -> QuantizedLinear:
+        return QuantizedLinear.from_linear(linear, self.config.weight_spec, self.config.act_spec)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, calibration: CalibrationData | None = None) -> nn.Module:
+        cfg = self.config
+        linears = select_linears(model, cfg.targets, cfg.ignore)
+        if not linears:
+            some = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
+            raise ValueError(
+                f"{self.name}: no nn.Linear matches targets={cfg.targets} minus ignore={cfg.ignore}; "
+                f"the model's Linears include {some or '(none)'}"
+            )
+        device = next(model.parameters()).device
+        samples = select_samples(calibration, cfg.calibration_samples, cfg.seed, device)
+        if not samples and self.needs_calibration():
+            raise ValueError(
+                f"{self.name} needs calibration data (an iterable of model-input dicts); "
+                "only RTN with dynamic activations (act_dynamic=true) runs without it"
+            )
+        was_training = model.training
+        model.eval()
+        if samples:
+            calibrate_sequential(model, linears, samples, self.wrap, self._process)
+        else:
+            for name, linear in linears.items():
+                module = self.wrap(linear)
+                module.set_quantized(*quantize_weight_rtn(module.weight, cfg.weight_spec))
+                self._enable_activations({name: module})
+                set_module(model, name, module)
+        model.train(was_training)
+        setattr(model, QUANT_CONFIG_ATTR, {"name": self.name, **cfg.model_dump(mode="json")})
+        return model
+
+    def _process(self, data: BlockData, modules: dict[str, QuantizedLinear]) -> None:
+        self.process_block(data, modules)
+        spec = self.config.act_spec
+        if spec is not None and not spec.dynamic:
+            # Static ranges see the block with its weights already quantized, activations still fp.
+            with data.observe(modules, lambda name, x: modules[name].act_quant.observe(x)):
+                data.forward()
+        self._enable_activations(modules)
+
+    @staticmethod
+    def _enable_activations(modules: dict[str, QuantizedLinear]) -> None:
+        for module in modules.values():
+            if module.act_quant is not None:
+                module.act_quant.enabled = True
+
+    def process_block(self, data: BlockData, modules: dict[str, QuantizedLinear]) -> None:
+        """Quantize the weights of ``modules`` (fp `QuantizedLinear`s inside ``data.module``)."""
+        for module in modules.values():
+            module.set_quantized(*quantize_weight_rtn(module.weight, self.config.weight_spec))
+
+
+__all__ = ["LayerwiseQuantizer", "QUANT_CONFIG_ATTR"]

@@ -1,0 +1,51 @@
+import pytest
+from PIL import Image
+
+from qapframe.data.base import VQARecord
+from qapframe.data.prompts import build_prompt, format_choices, is_correct, normalize_answer
+
+
+def _record(answer, choices=None, question="What colour is it?"):
+    return VQARecord("r", Image.new("RGB", (4, 4)), question, answer, choices)
+
+
+def test_prompt_layout_has_one_image_placeholder_and_lettered_options():
+    mc = build_prompt(_record("blue", ["red", "blue", "green"]))
+    assert mc.count("<image>") == 1 and mc.startswith("USER: <image>\n") and mc.endswith("ASSISTANT:")
+    assert "Options: A. red B. blue C. green" in mc
+    short = build_prompt(_record("blue"))
+    assert "Options" not in short and "What colour is it?" in short
+    with pytest.raises(ValueError, match="at most 26 choices"):
+        format_choices([str(i) for i in range(27)])
+
+
+def test_normalization():
+    assert normalize_answer("  The Top-Left. ") == "top left"
+    assert normalize_answer("Three") == "3"
+    assert normalize_answer("a red circle!") == "red circle"
+
+
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        ("blue", True), ("Blue.", True), (" BLUE ", True), ("B", True), ("b.", True), ("(B)", True),
+        ("B. blue", True), ("b blue", True), ("option B", True),
+        ("A", False), ("red", False), ("B. red", False), ("blue green", False), ("", False), ("C", False),
+    ],
+)
+def test_multiple_choice_accepts_letter_or_text(prediction, expected):
+    assert is_correct(prediction, _record("blue", ["red", "blue", "green"])) is expected
+
+
+def test_letter_a_is_not_lost_to_article_removal():
+    record = _record("red", ["red", "blue"])
+    assert is_correct("A", record) and is_correct("a", record) and not is_correct("B", record)
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, expected",
+    [("3", "3", True), ("three", "3", True), ("top left", "top left", True), ("top", "top left", False),
+     ("B", "blue", False), ("yes", "no", False), ("Yes.", "yes", True)],
+)
+def test_short_answer_is_normalized_exact_match(prediction, answer, expected):
+    assert is_correct(prediction, _record(answer)) is expected

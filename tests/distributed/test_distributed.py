@@ -1,0 +1,104 @@
+"""Multi-process evaluation with gloo on CPU: collective helpers, and torchrun giving single-process results."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from qapframe import distributed as qdist
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_single_process_helpers_are_no_ops():
+    t = torch.tensor([1.0, -2.0])
+    assert qdist.all_reduce_(t, "max") is t and t.tolist() == [1.0, -2.0]
+    assert qdist.all_gather_objects({"a": 1}) == [{"a": 1}] and qdist.broadcast_object(3) == 3
+    assert (qdist.rank(), qdist.world_size(), qdist.is_distributed()) == (0, 1, False)
+    with pytest.raises(ValueError, match="op must be one of"):
+        qdist.all_reduce_(t, "mean")
+
+
+def test_shards_are_disjoint_and_cover_everything():
+    items = list(range(11))
+    shards = [qdist.shard(items, r, 3) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == items and shards[1] == [1, 4, 7, 10]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert qdist.init_from_env("cpu")
+    # Hessian-like sums and activation maxima, as the quantizers collect them per rank
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    h = qdist.all_reduce_sum(x.T @ x)
+    amax = qdist.all_reduce_(x.abs().amax(dim=0), "max")
+    amin = qdist.all_reduce_(x.amin(dim=0), "min")
+    gathered = qdist.all_gather_objects((rank, x.tolist()))
+    token = qdist.broadcast_object({"from": rank})
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(
+        {"h": h.tolist(), "amax": amax.tolist(), "amin": amin.tolist(), "gathered": gathered, "token": token}
+    ))
+    qdist.destroy()
+
+
+def test_statistics_all_reduce_over_two_gloo_processes(tmp_path):
+    mp.start_processes(_collectives_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    xs = [torch.randn(5, 3, generator=torch.Generator().manual_seed(r), dtype=torch.float64) for r in range(2)]
+    full = torch.cat(xs)  # what one process holding all the data would compute
+    for res in results:
+        assert torch.allclose(torch.tensor(res["h"], dtype=torch.float64), full.T @ full, rtol=1e-12, atol=1e-12)
+        assert torch.equal(torch.tensor(res["amax"], dtype=torch.float64), full.abs().amax(dim=0))
+        assert torch.equal(torch.tensor(res["amin"], dtype=torch.float64), full.amin(dim=0))
+        assert [r for r, _ in res["gathered"]] == [0, 1] and res["token"] == {"from": 0}
+        assert torch.equal(torch.tensor(res["gathered"][1][1], dtype=torch.float64), xs[1])
+
+
+def test_torchrun_two_processes_match_one_process(tiny_llava_dir, tmp_path):
+    from qapframe.eval.runner import run_spec
+
+    spec = {
+        "model": {"path": str(tiny_llava_dir)},
+        "quantizer": {"name": "rtn", "scheme": "W4A4"},
+        "scorer": {"name": "hybrid"},
+        "pruner": {"name": "topk", "retention": 0.5},
+        # 10 records in batches of 3: rank 0 gets batches 0 and 2, rank 1 batches 1 and 3 (uneven shards)
+        "evaluation": {"num_samples": 10, "batch_size": 3, "max_new_tokens": 3, "calibration_samples": 4, "seeds": [0, 1]},
+        "sweep": [{"quantizer": [None], "scorer": [None], "pruner": [None]}, {"pruner.retention": [0.5, 0.25]}],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    single = run_spec(path, output_dir=tmp_path / "single", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "qapframe", "run", str(path), "--output", str(tmp_path / "multi")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    multi = [json.loads(line) for line in (tmp_path / "multi" / "results.jsonl").read_text().splitlines()]
+    assert len(multi) == len(single.records) == 6
+    for one, two in zip(single.records, multi):
+        assert two["status"] == one["status"] == "ok" and two["world_size"] == 2 and one["world_size"] == 1
+        assert two["key"] == one["key"] and two["label"] == one["label"]
+        assert two["outcomes"] == one["outcomes"]  # every prediction, in dataset order
+        for metric in ("accuracy", "accuracy_by_type", "retained_tokens", "num_samples"):
+            assert two["metrics"][metric] == one["metrics"][metric], metric
+    summary = (tmp_path / "multi" / "summary.md").read_text()
+    assert summary.count("| rtn(scheme=W4A4) / hybrid /") == 2 and (tmp_path / "multi" / "accuracy_vs_retention.png").is_file()

@@ -1,0 +1,90 @@
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import qapframe
+from qapframe.quantizers import QuantizedLinear
+from qapframe.quantizers import gptq as gptq_module
+from qapframe.quantizers.calibration import find_blocks, select_samples
+from qapframe.quantizers.targets import select_linears
+from tests.quantizers.minilm import load_minilm
+from tests.tiny_models import llava_inputs, tiny_llava
+
+
+def test_select_samples_is_a_seeded_subset():
+    items = [{"i": torch.tensor(i)} for i in range(20)]
+    a = select_samples(items, 5, seed=0, device=torch.device("cpu"))
+    b = select_samples(iter(items), 5, seed=0, device=torch.device("cpu"))
+    c = select_samples(items, 5, seed=1, device=torch.device("cpu"))
+    ids = lambda s: [int(x["i"]) for x in s]
+    assert ids(a) == ids(b) and len(set(ids(a))) == 5 and ids(a) == sorted(ids(a))
+    assert ids(a) != ids(c)
+    assert ids(select_samples(items[:3], 5, 0, torch.device("cpu"))) == [0, 1, 2]
+    with pytest.raises(TypeError, match="calibration item 0"):
+        select_samples([torch.zeros(2)], 1, 0, torch.device("cpu"))
+
+
+def test_find_blocks_picks_the_decoder_layers():
+    llava = tiny_llava()
+    name, blocks = find_blocks(llava, select_linears(llava, ["*"], qapframe.quantizers.config.DEFAULT_IGNORE))
+    assert name == "model.language_model.layers" and len(blocks) == 3
+    bert = load_minilm()
+    name, blocks = find_blocks(bert, select_linears(bert, ["*"], []))
+    assert name == "encoder.layer" and len(blocks) == 6
+
+
+def test_each_block_is_calibrated_on_the_quantized_outputs_of_the_blocks_before(monkeypatch):
+    recorded = []
+    original_add = gptq_module.Hessian.add
+    monkeypatch.setattr(gptq_module.Hessian, "add", lambda self, x: (recorded.append((self, x)), original_add(self, x))[1])
+    calibration = [llava_inputs(1, seed=i) for i in range(2)]
+    model = qapframe.quantize(tiny_llava(), {"name": "gptq", "scheme": "W4A16", "group_size": 32}, calibration)
+    hessians = list(dict.fromkeys(h for h, _ in recorded))
+    assert len(hessians) == 3 * 7  # one per Linear, layer after layer
+    layer1_qkv = [x for h, x in recorded if h is hessians[7]]  # layer 1's q_proj
+    seen = []
+    q_proj = model.model.language_model.layers[1].self_attn.q_proj
+    q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    fp_seen = []
+    fp = tiny_llava()
+    fp.model.language_model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, args: fp_seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for sample in calibration:
+            model(**sample)
+            fp(**sample)
+    assert torch.allclose(torch.cat(layer1_qkv), torch.cat(seen), atol=1e-6)
+    assert not torch.allclose(torch.cat(layer1_qkv), torch.cat(fp_seen), atol=1e-4)
+
+
+class _Flat(nn.Module):
+    """No repeated blocks: the whole-model fallback has to calibrate it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_models_without_blocks_fall_back_to_one_pass(caplog):
+    g = torch.Generator().manual_seed(0)
+    calibration = [{"x": torch.randn(4, 16, generator=g) * torch.linspace(0.1, 4, 16)} for _ in range(8)]
+    x = torch.cat([c["x"] for c in calibration])
+    fp = _Flat()
+    with torch.no_grad():
+        ref = fp(x)
+        errors = {}
+        for name in ("rtn", "gptq"):
+            with caplog.at_level(logging.WARNING, logger="qapframe.quantizers"):
+                model = qapframe.quantize(_Flat(), {"name": name, "scheme": "W4A16", "group_size": -1,
+                                                    "act_dynamic": False}, calibration)
+            assert isinstance(model.up, QuantizedLinear) and isinstance(model.down, QuantizedLinear)
+            errors[name] = float((model(x) - ref).norm())
+    assert "no repeated blocks found" in caplog.text
+    assert errors["gptq"] < errors["rtn"]

@@ -1,0 +1,83 @@
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qapframe.kernels.reference import fake_quantize_groups, hybrid_sensitivity_reference
+from qapframe.quantizers.config import ActSpec, WeightSpec
+from qapframe.quantizers.fake_quant import (
+    ActQuantizer, QuantizedLinear, code_range, dequantize_weight, group_index, quantize_weight_rtn,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(2, 8), group=st.sampled_from([-1, 4, 8, 5]), symmetric=st.booleans(),
+    rows=st.integers(1, 6), cols=st.integers(1, 24), seed=st.integers(0, 2**16),
+)
+def test_rtn_weight_is_the_kernel_convention(bits, group, symmetric, rows, cols, seed):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    codes, scales, zeros, g_idx = quantize_weight_rtn(w, WeightSpec(bits, group, symmetric))
+    lo, hi = code_range(bits, symmetric)
+    assert codes.min() >= lo and codes.max() <= hi and torch.equal(codes, codes.round())
+    expected = fake_quantize_groups(w, bits, group, symmetric)
+    assert torch.equal(dequantize_weight(codes, scales, zeros, g_idx), expected)
+
+
+def test_constant_groups_are_exact():
+    w = torch.tensor([[0.5] * 4 + [-2.0] * 4, [0.0] * 8])
+    for symmetric in (False, True):
+        deq = dequantize_weight(*quantize_weight_rtn(w, WeightSpec(4, 4, symmetric)))
+        assert torch.equal(deq, w)
+
+
+def test_group_index_with_permutation():
+    perm = torch.tensor([3, 0, 2, 1])
+    idx = group_index(4, 2, perm)
+    # channels 3 and 0 come first in the permuted order: group 0; channels 2 and 1: group 1
+    assert idx.tolist() == [0, 1, 1, 0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(4, 8), group=st.sampled_from([-1, 16, 7]), symmetric=st.booleans(), seed=st.integers(0, 999))
+def test_activation_quantizer_error_equals_kernel_reference(bits, group, symmetric, seed):
+    """The hybrid scorer's E_i is exactly the error this activation quantizer makes on token i."""
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(seed)) * 3  # [B, N, D]
+    quant = ActQuantizer(ActSpec(bits, group, symmetric, dynamic=True))
+    quant.enabled = True
+    error = (x - quant(x)).norm(dim=-1)
+    expected, _ = hybrid_sensitivity_reference(x, bits, group, symmetric)
+    assert torch.equal(error, expected)
+
+
+def test_static_per_tensor_range_from_calibration():
+    quant = ActQuantizer(ActSpec(8, -1, False, dynamic=False))
+    quant.observe(torch.tensor([[-1.0, 0.5], [2.0, 0.0]]))
+    quant.observe(torch.tensor([[3.0, -0.5]]))
+    quant.enabled = True
+    assert quant.lo.item() == -1.0 and quant.hi.item() == 3.0
+    x = torch.tensor([[-1.0, 3.0, 10.0, 1.234]])
+    y = quant(x)
+    step = 4.0 / 255
+    assert torch.allclose(y[0, :2], torch.tensor([-1.0, 3.0]), atol=step)
+    assert abs(y[0, 2].item() - 3.0) <= step  # clipped to the calibrated range
+    assert abs(y[0, 3].item() - 1.234) <= step / 2 + 1e-6
+
+
+def test_quantized_linear_matches_linear_before_and_dequantized_after():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    module = QuantizedLinear.from_linear(linear, WeightSpec(4, 8, False), None)
+    x = torch.randn(3, 16)
+    assert torch.equal(module(x), linear(x))
+    module.set_quantized(*quantize_weight_rtn(module.weight, module.weight_spec))
+    w_hat = fake_quantize_groups(linear.weight, 4, 8, False)
+    assert torch.allclose(module(x), torch.nn.functional.linear(x, w_hat, linear.bias))
+    assert module.qweight.dtype == torch.uint8 and module.scales.shape == (8, 2)
+
+
+def test_unfused_smoothing_keeps_the_function():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    module = QuantizedLinear.from_linear(linear, WeightSpec(4, -1, True), None)
+    module.set_smooth(torch.rand(16) + 0.5)
+    x = torch.randn(5, 16)
+    assert torch.allclose(module(x), linear(x), rtol=1e-5, atol=1e-6)

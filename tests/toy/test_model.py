@@ -1,0 +1,58 @@
+"""The toy's builders: tokenizer, processor and model agree with each other and with LLaVA's layout."""
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from qapframe.data.prompts import build_prompt
+from qapframe.data.synthetic import SyntheticVQA
+from qapframe.toy.model import (
+    IMAGE_ID,
+    NUM_VISION_TOKENS,
+    UNK_ID,
+    build_model,
+    build_processor,
+    build_tokenizer,
+)
+
+
+def test_vocabulary_covers_every_synthetic_prompt_and_answer():
+    tokenizer = build_tokenizer()
+    for record in SyntheticVQA("test", size=300, seed=5):
+        ids = tokenizer(build_prompt(record) + " " + record.answer)["input_ids"]
+        assert UNK_ID not in ids
+        assert ids[0] == tokenizer.bos_token_id and ids.count(IMAGE_ID) == 1
+    decoded = tokenizer.decode(tokenizer("Top LEFT", add_special_tokens=False)["input_ids"])
+    assert decoded == "top left"
+
+
+def test_processor_expands_image_to_vision_token_count_and_reloads(tmp_path):
+    processor = build_processor()
+    model = build_model(len(processor.tokenizer), seed=0).eval()
+    records = list(SyntheticVQA("test", size=3))
+    inputs = processor(images=[r.image for r in records], text=[build_prompt(r) for r in records],
+                       return_tensors="pt", padding=True)
+    assert ((inputs["input_ids"] == IMAGE_ID).sum(dim=1) == NUM_VISION_TOKENS).all()
+    # left padding: the last position of every row is real text
+    assert (inputs["attention_mask"][:, -1] == 1).all() and (inputs["attention_mask"][:, 0] == 0).any()
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
+                                               vision_feature_select_strategy="default").pooler_output
+        assert torch.stack(list(feats)).shape[1] == NUM_VISION_TOKENS
+        logits = model(**inputs).logits
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    processor.save_pretrained(tmp_path)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    reprocessor = AutoProcessor.from_pretrained(tmp_path)
+    again = reprocessor(images=[r.image for r in records], text=[build_prompt(r) for r in records],
+                        return_tensors="pt", padding=True)
+    assert all(torch.equal(inputs[k], again[k]) for k in inputs)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**again).logits, logits)
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_config_follows_llava_1_5_layout():
+    config = build_model(100, seed=0).config
+    assert config.vision_feature_select_strategy == "default" and config.vision_feature_layer == -2
+    assert config.vision_config.model_type == "clip_vision_model" and config.text_config.model_type == "llama"
+    assert config.image_seq_length == NUM_VISION_TOKENS

@@ -1,0 +1,92 @@
+"""The shipped, trained toy: loads offline, answers from the image, and works through the standard path."""
+
+import collections
+import os
+
+import pytest
+import torch
+
+from qapframe.data.prompts import build_prompt, is_correct
+from qapframe.data.synthetic import SyntheticVQA, blank_image
+from qapframe.toy import TOY_PATH, load_toy
+from qapframe.toy.evaluate import accuracy, answer, answer_with_tokens
+
+SAMPLE = 50
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.set_num_threads(1)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded
+    return load_toy()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return list(SyntheticVQA("test", size=SAMPLE, seed=0))
+
+
+@pytest.fixture(scope="module")
+def dense_predictions(toy, records):
+    model, processor = toy
+    return answer(model, processor, records, batch_size=25)
+
+
+def test_shipped_files_are_small_safetensors():
+    files = {p.name: p.stat().st_size for p in TOY_PATH.iterdir()}
+    assert "model.safetensors" in files and not any(name.endswith(".bin") for name in files)
+    assert sum(files.values()) < 20 * 2**20
+
+
+def test_loads_as_a_real_llava(toy):
+    model, processor = toy
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and not model.training
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 10e6
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_reaches_high_accuracy(dense_predictions, records):
+    assert accuracy(dense_predictions, records) >= 0.8
+
+
+def test_blank_images_give_no_better_than_an_image_free_guesser(toy, records, dense_predictions):
+    model, processor = toy
+    blank = accuracy(answer(model, processor, records, batch_size=25, images=[blank_image()] * SAMPLE), records)
+    # The best guess without the image: the most frequent training answer per question (among the
+    # choices for multiple choice), estimated on training records.
+    train = list(SyntheticVQA("train", size=1500, seed=0))
+    by_question = collections.defaultdict(collections.Counter)
+    by_type = collections.defaultdict(collections.Counter)
+    for r in train:
+        by_question[r.question][r.answer] += 1
+        by_type[r.meta["type"]][r.answer] += 1
+
+    def guess(r):
+        counts = by_question.get(r.question) or by_type[r.meta["type"]]
+        candidates = r.choices or list(by_type[r.meta["type"]])
+        return max(candidates, key=lambda c: (counts[c], by_type[r.meta["type"]][c]))
+
+    prior = sum(is_correct(guess(r), r) for r in records) / SAMPLE
+    assert blank <= prior + 0.12
+    assert accuracy(dense_predictions, records) >= blank + 0.4
+
+
+def test_batched_left_padded_generation_matches_single_records(toy, records, dense_predictions):
+    model, processor = toy
+    singles = [answer(model, processor, [r], batch_size=1)[0] for r in records[:6]]
+    assert singles == dense_predictions[:6]
+
+
+def test_embedding_path_matches_processor_path(toy, records, dense_predictions):
+    # answer_with_tokens (used for token dropping) must reproduce the standard path when nothing is dropped
+    model, processor = toy
+    assert answer_with_tokens(model, processor, records[:20], select=None) == dense_predictions[:20]
+
+
+def test_reload_gives_identical_logits(toy, records):
+    model, processor = toy
+    again, _ = load_toy()
+    inputs = processor(images=[records[0].image], text=[build_prompt(records[0])], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
