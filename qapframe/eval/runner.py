@@ -227,7 +227,13 @@ def evaluate_run(
     if pipeline.quantizer is not None:
         # One input dict per record (prompt and answer, no padding); rank r calibrates on records
         # r::world and the quantizers all-reduce their statistics.
-        records = dist.shard(data.calibration_records(ev, seed))
+        everything = data.calibration_records(ev, seed)
+        if dist.is_distributed() and 0 < len(everything) < dist.world_size():
+            raise ValueError(
+                f"evaluation.calibration_samples: {len(everything)} calibration records cannot be shared by "
+                f"{dist.world_size()} processes; use at least one per process (or 0 for none)"
+            )
+        records = dist.shard(everything)
         calibration = [_processor_inputs(source.processor, [r], model, with_answer=True) for r in records]
     with torch.no_grad():
         model = pipeline.apply(model, calibration)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from qapframe.distributed import all_reduce_sum
 from qapframe.quantizers.base import QUANTIZERS
 from qapframe.quantizers.calibration import BlockData
 from qapframe.quantizers.config import WeightSpec
@@ -67,7 +68,7 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec, grid: i
         clipped = torch.clamp(wg, -m, m)
         scale, zero = qparams(clipped, spec.bits, spec.symmetric)
         q = dequantize(quantize(clipped, scale, zero, spec.bits, spec.symmetric), scale, zero)
-        err = (torch.einsum("ngk,ogk->nog", xg, q) - ref).pow(2).mean(dim=0)  # [O, G]
+        err = all_reduce_sum((torch.einsum("ngk,ogk->nog", xg, q) - ref).pow(2).sum(dim=0))  # [O, G], all ranks' tokens
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better[..., None], m, best_max)
@@ -75,7 +76,9 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec, grid: i
 
 
 def _mse(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    return sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(outputs, reference))
+    """Summed squared error over every rank's outputs (ranks must pick the same exponent)."""
+    local = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(outputs, reference))
+    return float(all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
 
 
 @QUANTIZERS.register("awq")
@@ -110,6 +113,9 @@ class AWQ(LayerwiseQuantizer):
         if cfg.search_samples is not None and len(data.inputs) > cfg.search_samples:
             with data.observe(leaders, record):  # the rest of the inputs only feed the statistics
                 BlockData(data.module, data.inputs[cfg.search_samples:]).forward()
+        for name in leaders:  # statistics over every rank's calibration tokens
+            all_reduce_sum(sums[name])
+            counts[name] = int(all_reduce_sum(torch.tensor([float(counts[name])], dtype=torch.float64)).item())
         scales: dict[str, torch.Tensor] = {}
         for group in groups:
             act_mean = (sums[group[0]] / max(counts[group[0]], 1)).float().to(modules[group[0]].weight.device)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qapframe.distributed import all_reduce_
 from qapframe.kernels.reference import fake_quantize_groups
 from qapframe.quantizers.config import ActSpec, WeightSpec
 
@@ -95,6 +96,11 @@ class ActQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         self.lo = torch.minimum(self.lo, x.detach().float().amin())
         self.hi = torch.maximum(self.hi, x.detach().float().amax())
+
+    def reduce_over_ranks(self) -> None:
+        """Widen the observed range to every rank's (a no-op in one process), so ranks agree."""
+        self.lo = all_reduce_(self.lo.clone(), "min")
+        self.hi = all_reduce_(self.hi.clone(), "max")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D], same dtype
         if not self.enabled:

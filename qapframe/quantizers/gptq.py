@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from qapframe.distributed import all_reduce_sum
 from qapframe.quantizers.base import QUANTIZERS
 from qapframe.quantizers.calibration import BlockData
 from qapframe.quantizers.config import QuantizerConfig, WeightSpec
@@ -37,21 +38,33 @@ class GPTQConfig(QuantizerConfig, GPTQOptions):
 
 
 class Hessian:
-    """Running ``2 / n * X^T X`` over ``[n, I]`` token batches, float32."""
+    """``H = 2 / n * X^T X`` over ``[n, I]`` token batches, reduced over ranks when distributed.
+
+    The sum is kept in float64 so that summing per-rank shards (or batches in another order) gives the
+    same float32 ``H`` as one process summing everything: ranks then quantize bit-identically.
+    """
 
     def __init__(self, in_features: int, device: torch.device):
-        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.count = 0
+        self._reduced: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:  # x [n, I]
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return
-        total = self.count + n
-        self.matrix *= self.count / total
-        x = x.float() * (2.0 / total) ** 0.5
-        self.matrix += x.T @ x
-        self.count = total
+        x = x.float()
+        self._sum += (x.T @ x).double()
+        self.count += x.shape[0]
+        self._reduced = None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The float32 Hessian over every rank's tokens (an all-reduce, once, when distributed)."""
+        if self._reduced is None:
+            total = all_reduce_sum(self._sum.clone())
+            count = int(all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64)).item())
+            self._reduced = (total * (2.0 / max(count, 1))).float()
+        return self._reduced
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, dampening: float = 0.01,

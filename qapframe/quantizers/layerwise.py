@@ -72,6 +72,8 @@ class LayerwiseQuantizer(Quantizer):
             # Static ranges see the block with its weights already quantized, activations still fp.
             with data.observe(modules, lambda name, x: modules[name].act_quant.observe(x)):
                 data.forward()
+            for module in modules.values():
+                module.act_quant.reduce_over_ranks()
         self._enable_activations(modules)
 
     @staticmethod

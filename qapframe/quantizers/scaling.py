@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from qapframe.distributed import all_reduce_sum
 from qapframe.quantizers.calibration import BlockData
 from qapframe.quantizers.config import QuantizerConfig
 from qapframe.quantizers.fake_quant import QuantizedLinear, quantize_weight_rtn
@@ -52,8 +53,10 @@ class ScalingConfig(QuantizerConfig):
 
 
 def _rel_change(new: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new, ref))
-    den = sum(float(b.float().pow(2).sum()) for b in ref)
+    """Relative L2 change over every rank's outputs, so all ranks take the same fold decision."""
+    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(new, ref))
+    den = sum(float(b.double().pow(2).sum()) for b in ref)
+    num, den = all_reduce_sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
     return (num / max(den, 1e-30)) ** 0.5
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from qapframe.distributed import all_reduce_
 from qapframe.quantizers.base import QUANTIZERS
 from qapframe.quantizers.calibration import BlockData
 from qapframe.quantizers.fake_quant import QuantizedLinear
@@ -58,7 +59,9 @@ class SmoothQuant(LayerwiseQuantizer):
                 act_max[name] = torch.maximum(act_max[name], x.abs().amax(dim=0).float())
 
         with data.observe(leaders, record):
-            reference = data.forward(limit=1)
+            reference = data.forward()[:1]  # maxima over every input; one output checks the folds
+        for name in act_max:
+            all_reduce_(act_max[name], "max")  # every rank smooths with the global maxima
         for group in groups:
             weight_max = torch.cat([modules[n].weight.abs().float() for n in group]).amax(dim=0)
             s = smoothing_scales(act_max[group[0]], weight_max, self.config.alpha)

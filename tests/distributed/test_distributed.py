@@ -71,6 +71,79 @@ def test_statistics_all_reduce_over_two_gloo_processes(tmp_path):
         assert torch.equal(torch.tensor(res["gathered"][1][1], dtype=torch.float64), xs[1])
 
 
+CALIBRATION_CASES = {
+    "gptq": {"name": "gptq", "scheme": "W4A16", "group_size": 32, "act_order": True},
+    "smoothquant-static": {"name": "smoothquant", "scheme": "W8A8", "act_dynamic": False},
+    "awq": {"name": "awq", "scheme": "W4A16", "group_size": 32, "grid_size": 4, "clip": False},
+    "awq-clip": {"name": "awq", "scheme": "W4A16", "group_size": 32, "grid_size": 4, "clip_grid": 4},
+}
+
+
+def _calibration_set():
+    from tests.tiny_models import llava_inputs
+
+    return [llava_inputs(1, prompt_lengths=[4 + i % 3], seed=i) for i in range(6)]
+
+
+def _quantized_state(case: str, calibration) -> dict[str, torch.Tensor]:
+    import qapframe
+    from tests.tiny_models import tiny_llava
+
+    torch.set_num_threads(1)
+    model = qapframe.quantize(tiny_llava(), CALIBRATION_CASES[case], calibration)
+    return {k: v.clone() for k, v in model.state_dict().items() if ".language_model." in k}
+
+
+def _calibration_worker(rank: int, world: int, port: int, out_dir: str, case: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert qdist.init_from_env("cpu")
+    state = _quantized_state(case, qdist.shard(_calibration_set()))  # this rank's half of the samples
+    torch.save(state, Path(out_dir, f"{case}-{rank}.pt"))
+    qdist.destroy()
+
+
+@pytest.mark.parametrize("case", list(CALIBRATION_CASES))
+def test_sharded_calibration_quantizes_every_rank_identically(case, tmp_path):
+    """Each rank sees half the calibration samples; all-reduced statistics make the ranks agree, and
+    (where no sub-sampling is involved) agree with one process that saw every sample."""
+    mp.start_processes(_calibration_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"{case}-{r}.pt") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and any(k.endswith(".qweight") for k in ranks[0])
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    single = _quantized_state(case, _calibration_set())
+    if case == "awq-clip":
+        # Clipping searches a per-rank token sub-sample: ranks agree, a single process draws other tokens.
+        return
+    for key, value in single.items():
+        if key.endswith(".qweight") or key.endswith(".g_idx"):
+            assert torch.equal(ranks[0][key], value), key
+        else:
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def _run_spec_worker(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
+    from qapframe.eval.runner import run_spec
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert qdist.init_from_env("cpu")
+    run_spec(spec, output_dir=out_dir, progress=False)
+    qdist.destroy()
+
+
+def test_fewer_calibration_records_than_ranks_fails_that_run_clearly(tiny_llava_dir, tmp_path):
+    spec = {"model": {"path": str(tiny_llava_dir)}, "quantizer": {"name": "gptq", "scheme": "W4A16"},
+            "evaluation": {"num_samples": 2, "calibration_samples": 1, "max_new_tokens": 2}}
+    mp.start_processes(_run_spec_worker, args=(2, _free_port(), spec, str(tmp_path)), nprocs=2, start_method="spawn")
+    (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert record["status"] == "error"
+    assert "evaluation.calibration_samples" in record["error"] and "2 processes" in record["error"]
+
+
 def test_torchrun_two_processes_match_one_process(tiny_llava_dir, tmp_path):
     from qapframe.eval.runner import run_spec
 
@@ -81,7 +154,12 @@ def test_torchrun_two_processes_match_one_process(tiny_llava_dir, tmp_path):
         "pruner": {"name": "topk", "retention": 0.5},
         # 10 records in batches of 3: rank 0 gets batches 0 and 2, rank 1 batches 1 and 3 (uneven shards)
         "evaluation": {"num_samples": 10, "batch_size": 3, "max_new_tokens": 3, "calibration_samples": 4, "seeds": [0, 1]},
-        "sweep": [{"quantizer": [None], "scorer": [None], "pruner": [None]}, {"pruner.retention": [0.5, 0.25]}],
+        "sweep": [
+            {"quantizer": [None], "scorer": [None], "pruner": [None]},
+            {"pruner.retention": [0.5, 0.25]},
+            # calibrated on sharded records, Hessians all-reduced: the same weights as one process
+            {"quantizer": [{"name": "gptq", "scheme": "W4A8", "group_size": 32}], "scorer": [None], "pruner": [None]},
+        ],
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -93,7 +171,7 @@ def test_torchrun_two_processes_match_one_process(tiny_llava_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     multi = [json.loads(line) for line in (tmp_path / "multi" / "results.jsonl").read_text().splitlines()]
-    assert len(multi) == len(single.records) == 6
+    assert len(multi) == len(single.records) == 8
     for one, two in zip(single.records, multi):
         assert two["status"] == one["status"] == "ok" and two["world_size"] == 2 and one["world_size"] == 1
         assert two["key"] == one["key"] and two["label"] == one["label"]
