@@ -210,11 +210,29 @@ def parse_spec(data: Any, source: str | None = None) -> PipelineSpec:
     return spec
 
 
+BUILTIN_SPECS = Path(__file__).resolve().parent / "specs"  # shipped specs, usable by name: `qapframe run qapruner`
+
+
+def builtin_spec_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_SPECS.glob("*.yaml"))
+
+
+def resolve_spec_path(path: str | Path) -> Path:
+    """An existing file as given, else a shipped spec named by its stem (``qapruner``, ``smoke``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and not path.suffix and (BUILTIN_SPECS / f"{path.name}.yaml").is_file():
+        return BUILTIN_SPECS / f"{path.name}.yaml"
+    raise SpecError(
+        [("(file)", f"no such file, and not a built-in spec name (built-in: {', '.join(builtin_spec_names())})")],
+        str(path),
+    )
+
+
 def read_spec_file(path: str | Path) -> Any:
     """Parse YAML (or JSON, a YAML subset) into plain data, with the file named in any error."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError([("(file)", "no such file")], str(path))
+    path = resolve_spec_path(path)
     text = path.read_text()
     try:
         if path.suffix == ".json":

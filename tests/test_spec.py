@@ -1,6 +1,7 @@
 """The pipeline spec: validation with field paths, file errors, YAML round trip, sweeps."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -53,7 +54,18 @@ def test_file_errors_name_the_file(tmp_path):
     problems, _ = problems_of(broken)
     assert "(syntax)" in problems
     problems, _ = problems_of(tmp_path / "missing.yaml")
-    assert problems["(file)"] == "no such file"
+    assert problems["(file)"].startswith("no such file") and "qapruner" in problems["(file)"]
+
+
+def test_shipped_specs_load_by_name_and_by_repository_path():
+    from qapframe.spec import builtin_spec_names
+
+    assert {"qapruner", "smoke"} <= set(builtin_spec_names())
+    by_name = load_spec("qapruner")
+    by_path = load_spec(Path(__file__).resolve().parents[1] / "specs" / "qapruner.yaml")
+    assert by_name.to_dict() == by_path.to_dict() and by_name.model.path == "toy"
+    problems, _ = problems_of("qaprunr")
+    assert "built-in: " in problems["(file)"]
 
 
 def test_yaml_round_trip_is_lossless(tmp_path):

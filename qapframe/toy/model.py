@@ -25,6 +25,8 @@ PATCH_SIZE = 8
 NUM_VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS dropped ("default" select strategy)
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+# The training-only captioning prompt (LLaVA's stage-1 "feature alignment" task); its words join the vocabulary.
+CAPTION_PROMPT = "USER: <image>\nDescribe the image.\nASSISTANT:"
 # Records scanned for words: enough that every template/value combination appears.
 _VOCAB_SCAN = 3000
 
@@ -39,7 +41,8 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 def build_vocab() -> list[str]:
     """Every word of the synthetic benchmark's prompts and answers, in a fixed order."""
-    texts = [*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *POSITIONS, *LETTERS, *map(str, range(10)), "yes", "no"]
+    texts = [*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *POSITIONS, *LETTERS, *map(str, range(10)), "yes", "no",
+             CAPTION_PROMPT.replace("<image>", " "), "."]
     for i in range(_VOCAB_SCAN):
         record = make_record(0, "train", i)
         texts.append(build_prompt(record).replace("<image>", " "))
@@ -118,4 +121,4 @@ def build_model(vocab_size: int, seed: int) -> LlavaForConditionalGeneration:
     return model
 
 
-__all__ = ["NUM_VISION_TOKENS", "PATCH_SIZE", "build_config", "build_model", "build_processor", "build_tokenizer"]
+__all__ = ["CAPTION_PROMPT", "NUM_VISION_TOKENS", "PATCH_SIZE", "build_config", "build_model", "build_processor", "build_tokenizer"]

@@ -1,7 +1,12 @@
 """Train the toy LLaVA from scratch on the synthetic benchmark: ``python -m qapframe.toy.train --out DIR``.
 
 Everything (vision tower, projector, LLM) is trained with cross-entropy on the answer tokens only.
-With probability ``--drop-prob`` an example sees only a random, order-preserving subset of 10-100%
+With probability ``--caption-prob`` an example is a caption instead of a question: the model lists
+every object (colour, shape, grid cell) in reading order. This is LLaVA's stage-1 feature-alignment
+task in miniature: every caption token needs the image, so the LLM learns to read vision tokens long
+before the sparse question answers alone would teach it (without captions, training sat on the
+image-free answer prior for the first 1000 steps). Questions are what the model is evaluated on.
+With probability ``--drop-prob`` a question sees only a random, order-preserving subset of 10-100%
 of its vision tokens, as LLaVA models tolerate pruning because their tokens overlap in content.
 Training data are fresh synthetic records (never the test split), so there is no overfitting to a
 fixed set; everything is seeded, and the result is saved with ``save_pretrained``.
@@ -18,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from qapframe.data.synthetic import SyntheticVQA, blank_image, make_record
+from qapframe.data.synthetic import POSITIONS, SyntheticVQA, blank_image, make_record
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, vision_tokens
-from qapframe.toy.model import EOS_ID, build_model, build_processor, build_tokenizer
+from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, build_model, build_processor, build_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--drop-prob", type=float, default=0.5, help="probability that an example drops vision tokens")
     p.add_argument("--min-keep", type=float, default=0.1, help="smallest kept fraction when dropping")
+    p.add_argument("--caption-prob", type=float, default=0.3, help="probability that an example is a caption")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-size", type=int, default=200)
@@ -50,19 +56,36 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def caption(record) -> str:
+    """``red circle top left . blue square center .``: every object, in reading (grid-cell) order."""
+    objects = sorted(record.meta["objects"], key=lambda o: POSITIONS.index(o[2]))
+    return " ".join(f"{colour} {shape} {position} ." for colour, shape, position in objects)
+
+
+def _split_at_image(tokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
+    cut = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
+    return ids[:cut], ids[cut + 1 :]
+
+
 def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Tensor:
     """Mean cross-entropy over answer tokens (and the closing ``</s>``) of one batch."""
     tokenizer = processor.tokenizer
     vision = vision_tokens(model, processor, [r.image for r in records])  # [B, N, D]
     n = vision.shape[1]
+    caption_ids = _split_at_image(tokenizer, tokenizer(CAPTION_PROMPT)["input_ids"])
     rows, answers = [], []
     for record, tokens in zip(records, vision):
-        if rng.random() < args.drop_prob:
-            k = rng.randint(max(1, math.ceil(args.min_keep * n)), n)
-            keep = sorted(rng.sample(range(n), k))
-            tokens = tokens[keep]  # [K, D]
-        before, after = prompt_ids(tokenizer, record)
-        target = tokenizer(" " + record.answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
+        if rng.random() < args.caption_prob:
+            before, after = caption_ids
+            answer_text = caption(record)
+        else:
+            if rng.random() < args.drop_prob:
+                k = rng.randint(max(1, math.ceil(args.min_keep * n)), n)
+                keep = sorted(rng.sample(range(n), k))
+                tokens = tokens[keep]  # [K, D]
+            before, after = prompt_ids(tokenizer, record)
+            answer_text = record.answer
+        target = tokenizer(" " + answer_text, add_special_tokens=False)["input_ids"] + [EOS_ID]
         rows.append((before, tokens, after + target))
         answers.append(target)
     embeds, mask = sequence_embeds(model, rows, pad_left=False)  # [B, L, D], [B, L]
