@@ -134,12 +134,8 @@ def _ask(rng: random.Random, objects: list[SceneObject], qtype: str) -> tuple[st
     return question, "yes" if present.count(a) > present.count(b) else "no", ["yes", "no"]
 
 
-def make_record(seed: int, split: str, index: int) -> VQARecord:
-    """The record at ``index`` of ``split``: a pure function of its arguments."""
-    # String seeds hash through SHA-512 in `random.Random`, so nearby triples give unrelated streams.
-    rng = random.Random(f"qapframe-synthetic:{seed}:{split}:{index}")
-    objects = random_scene(rng)
-    image = render_scene(objects, rng)
+def _question_record(rng: random.Random, objects: list[SceneObject], image: Image.Image, record_id: str) -> VQARecord:
+    """A random question (type and form drawn from ``rng``) about the scene ``objects``."""
     qtype = rng.choice(QUESTION_TYPES)
     if qtype == "position" and not _has_unique_object(objects):
         qtype = "shape"  # no object is identified by its colour and shape alone
@@ -147,13 +143,29 @@ def make_record(seed: int, split: str, index: int) -> VQARecord:
     question, answer, pool = _ask(rng, objects, qtype)
     choices = _options(rng, answer, pool, 4) if form == "multiple_choice" else None
     return VQARecord(
-        id=f"synthetic-{seed}-{split}-{index}",
+        id=record_id,
         image=image,
         question=question,
         answer=answer,
         choices=choices,
         meta={"type": qtype, "form": form, "objects": [(o.colour, o.shape, POSITIONS[o.cell]) for o in objects]},
     )
+
+
+def make_record(seed: int, split: str, index: int) -> VQARecord:
+    """The record at ``index`` of ``split``: a pure function of its arguments."""
+    # String seeds hash through SHA-512 in `random.Random`, so nearby triples give unrelated streams.
+    rng = random.Random(f"qapframe-synthetic:{seed}:{split}:{index}")
+    objects = random_scene(rng)
+    image = render_scene(objects, rng)
+    return _question_record(rng, objects, image, f"synthetic-{seed}-{split}-{index}")
+
+
+def follow_up_questions(record: VQARecord, count: int, seed: int) -> list[VQARecord]:
+    """``count`` further random questions about ``record``'s scene (same image), for multi-turn training."""
+    objects = [SceneObject(c, s, POSITIONS.index(p)) for c, s, p in record.meta["objects"]]
+    rng = random.Random(f"qapframe-follow-up:{seed}:{record.id}")
+    return [_question_record(rng, objects, record.image, f"{record.id}-follow-up-{i}") for i in range(count)]
 
 
 class SyntheticVQA(VQADataset):
@@ -190,6 +202,7 @@ __all__ = [
     "SHAPES",
     "SyntheticVQA",
     "blank_image",
+    "follow_up_questions",
     "make_record",
     "render_scene",
 ]

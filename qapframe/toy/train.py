@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from qapframe.data.synthetic import POSITIONS, SyntheticVQA, blank_image, make_record
+from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
+from qapframe.data.synthetic import POSITIONS, SyntheticVQA, blank_image, follow_up_questions, make_record
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, vision_tokens
 from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, build_model, build_processor, build_tokenizer
 
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-prob", type=float, default=0.5, help="probability that an example drops vision tokens")
     p.add_argument("--min-keep", type=float, default=0.1, help="smallest kept fraction when dropping")
     p.add_argument("--caption-prob", type=float, default=0.3, help="probability that an example is a caption")
+    p.add_argument("--questions-per-image", type=int, default=1,
+                   help="question turns per image in a (LLaVA-style multi-turn) question example")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-size", type=int, default=200)
@@ -67,32 +70,42 @@ def _split_at_image(tokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
     return ids[:cut], ids[cut + 1 :]
 
 
+def _follow_up_turn(tokenizer, record) -> list[int]:
+    """``USER: <question>\nASSISTANT:`` of a later turn (the image comes with the first turn only)."""
+    text = build_prompt(record).replace(f"{IMAGE_PLACEHOLDER}\n", "")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens (and the closing ``</s>``) of one batch."""
+    """Mean cross-entropy over answer tokens (each closed by ``</s>``) of one batch of conversations."""
     tokenizer = processor.tokenizer
     vision = vision_tokens(model, processor, [r.image for r in records])  # [B, N, D]
     n = vision.shape[1]
     caption_ids = _split_at_image(tokenizer, tokenizer(CAPTION_PROMPT)["input_ids"])
-    rows, answers = [], []
+    rows, row_labels = [], []
     for record, tokens in zip(records, vision):
         if rng.random() < args.caption_prob:
-            before, after = caption_ids
-            answer_text = caption(record)
+            before, prompt = caption_ids
+            turns = [(prompt, caption(record))]
         else:
             if rng.random() < args.drop_prob:
                 k = rng.randint(max(1, math.ceil(args.min_keep * n)), n)
                 keep = sorted(rng.sample(range(n), k))
                 tokens = tokens[keep]  # [K, D]
-            before, after = prompt_ids(tokenizer, record)
-            answer_text = record.answer
-        target = tokenizer(" " + answer_text, add_special_tokens=False)["input_ids"] + [EOS_ID]
-        rows.append((before, tokens, after + target))
-        answers.append(target)
+            before, prompt = prompt_ids(tokenizer, record)
+            follow_ups = follow_up_questions(record, args.questions_per_image - 1, args.data_seed)
+            turns = [(prompt, record.answer)] + [(_follow_up_turn(tokenizer, q), q.answer) for q in follow_ups]
+        after, labels = [], [-100] * (len(before) + tokens.shape[0])
+        for prompt, answer_text in turns:
+            target = tokenizer(" " + answer_text, add_special_tokens=False)["input_ids"] + [EOS_ID]
+            after += prompt + target
+            labels += [-100] * len(prompt) + target
+        rows.append((before, tokens, after))
+        row_labels.append(labels)
     embeds, mask = sequence_embeds(model, rows, pad_left=False)  # [B, L, D], [B, L]
     labels = torch.full(mask.shape, -100, dtype=torch.long)
-    lengths = mask.sum(dim=1).tolist()
-    for i, target in enumerate(answers):
-        labels[i, lengths[i] - len(target) : lengths[i]] = torch.tensor(target)
+    for i, row in enumerate(row_labels):
+        labels[i, : len(row)] = torch.tensor(row)
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     logits = model.lm_head(hidden[:, :-1])  # position t predicts token t + 1
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))

@@ -144,11 +144,12 @@ def test_fewer_calibration_records_than_ranks_fails_that_run_clearly(tiny_llava_
     assert "evaluation.calibration_samples" in record["error"] and "2 processes" in record["error"]
 
 
-def test_torchrun_two_processes_match_one_process(tiny_llava_dir, tmp_path):
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """On the embedded toy LLaVA, as a user would run it."""
     from qapframe.eval.runner import run_spec
 
     spec = {
-        "model": {"path": str(tiny_llava_dir)},
+        "model": {"path": "toy"},
         "quantizer": {"name": "rtn", "scheme": "W4A4"},
         "scorer": {"name": "hybrid"},
         "pruner": {"name": "topk", "retention": 0.5},
