@@ -1,6 +1,6 @@
 """Benchmark of the hybrid-sensitivity kernels against the torch reference and the memory bound.
 
-    python benchmarks/scoring.py [--repeats 5] [--json benchmarks/scoring_results.json]
+    python benchmarks/scoring.py [--repeats 5] [--json benchmarks/results/scoring.json]
 
 For each LLaVA shape [B, N, 4096] (group 128, 4 bits, asymmetric, float32 input) it reports the
 torch reference time, the numba CPU time, the speedup, the kernel's achieved GB/s (bytes of x read
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-repeats", type=int, default=2, help="the torch reference is slow")
-    parser.add_argument("--json", default="benchmarks/scoring_results.json")
+    parser.add_argument("--json", default="benchmarks/results/scoring.json")
     args = parser.parse_args()
 
     gen = torch.Generator().manual_seed(0)

@@ -99,8 +99,8 @@ class ActQuantizer(nn.Module):
 
     def reduce_over_ranks(self) -> None:
         """Widen the observed range to every rank's (a no-op in one process), so ranks agree."""
-        self.lo = all_reduce_(self.lo.clone(), "min")
-        self.hi = all_reduce_(self.hi.clone(), "max")
+        all_reduce_(self.lo, "min")
+        all_reduce_(self.hi, "max")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D], same dtype
         if not self.enabled:

@@ -40,11 +40,16 @@ def accuracy(predictions: Sequence[str], records: Sequence[VQARecord]) -> float:
     return sum(is_correct(p, r) for p, r in zip(predictions, records)) / max(1, len(records))
 
 
-def prompt_ids(tokenizer, record: VQARecord) -> tuple[list[int], list[int]]:
-    """Token ids before and after the single image placeholder (``<s>`` included before)."""
-    ids = tokenizer(build_prompt(record))["input_ids"]
+def split_at_image(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` before and after its single image placeholder (``<s>`` included before)."""
+    ids = tokenizer(prompt)["input_ids"]
     cut = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
     return ids[:cut], ids[cut + 1 :]
+
+
+def prompt_ids(tokenizer, record: VQARecord) -> tuple[list[int], list[int]]:
+    """`split_at_image` of the record's prompt."""
+    return split_at_image(tokenizer, build_prompt(record))
 
 
 def sequence_embeds(model, rows: list[tuple[list[int], torch.Tensor, list[int]]], pad_left: bool):
@@ -126,4 +131,4 @@ def l2norm_selector(retention: float) -> Selector:
 
 
 __all__ = ["accuracy", "answer", "answer_with_tokens", "l2norm_selector", "random_selector", "sequence_embeds",
-           "vision_tokens"]
+           "split_at_image", "vision_tokens"]

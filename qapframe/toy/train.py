@@ -25,7 +25,7 @@ import torch
 
 from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
 from qapframe.data.synthetic import POSITIONS, SyntheticVQA, blank_image, follow_up_questions, make_record
-from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, vision_tokens
+from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
 from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, build_model, build_processor, build_tokenizer
 
 
@@ -65,11 +65,6 @@ def caption(record) -> str:
     return " ".join(f"{colour} {shape} {position} ." for colour, shape, position in objects)
 
 
-def _split_at_image(tokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
-    cut = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
-    return ids[:cut], ids[cut + 1 :]
-
-
 def _follow_up_turn(tokenizer, record) -> list[int]:
     """``USER: <question>\nASSISTANT:`` of a later turn (the image comes with the first turn only)."""
     text = build_prompt(record).replace(f"{IMAGE_PLACEHOLDER}\n", "")
@@ -81,7 +76,7 @@ def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Ten
     tokenizer = processor.tokenizer
     vision = vision_tokens(model, processor, [r.image for r in records])  # [B, N, D]
     n = vision.shape[1]
-    caption_ids = _split_at_image(tokenizer, tokenizer(CAPTION_PROMPT)["input_ids"])
+    caption_ids = split_at_image(tokenizer, CAPTION_PROMPT)
     rows, row_labels = [], []
     for record, tokens in zip(records, vision):
         if rng.random() < args.caption_prob:
