@@ -1,6 +1,8 @@
 """Train the toy LLaVA from scratch on the synthetic benchmark: ``python -m qapframe.toy.train --out DIR``.
 
-Everything (vision tower, projector, LLM) is trained with cross-entropy on the answer tokens only.
+Stage 0 (`qapframe.toy.vision_pretrain`) pretrains the CLIP vision tower on per-cell colour, shape and
+position, standing in for the pretrained CLIP encoder real LLaVA starts from; the tower is then frozen,
+as in LLaVA. Stage 1 trains projector and LLM with cross-entropy on the answer tokens only.
 With probability ``--caption-prob`` an example is a caption instead of a question: the model lists
 every object (colour, shape, grid cell) in reading order. This is LLaVA's stage-1 feature-alignment
 task in miniature: every caption token needs the image, so the LLM learns to read vision tokens long
@@ -24,9 +26,10 @@ from pathlib import Path
 import torch
 
 from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
-from qapframe.data.synthetic import POSITIONS, SyntheticVQA, blank_image, follow_up_questions, make_record
+from qapframe.data.synthetic import POSITIONS, QUESTION_TYPES, SyntheticVQA, blank_image, follow_up_questions, make_record
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
 from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, build_model, build_processor, build_tokenizer
+from qapframe.toy.vision_pretrain import pretrain_vision
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="directory for the model and processor files")
     p.add_argument("--seed", type=int, default=0, help="initialisation, token dropping and data order")
     p.add_argument("--data-seed", type=int, default=0, help="benchmark seed (train records of this seed)")
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--vision-steps", type=int, default=300,
+                   help="stage 0: vision-tower pretraining steps (0 trains the tower through the LLM instead)")
+    p.add_argument("--vision-batch-size", type=int, default=64)
+    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -45,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="question turns per image in a (LLaVA-style multi-turn) question example")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--final-eval-size", type=int, default=1000)
     return p.parse_args(argv)
@@ -109,10 +116,15 @@ def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Ten
 def evaluate(model, processor, size: int, data_seed: int) -> dict[str, float]:
     records = list(SyntheticVQA("test", size=size, seed=data_seed))
     model.eval()
-    dense = accuracy(answer(model, processor, records), records)
+    predictions = answer(model, processor, records)
     blank = accuracy(answer(model, processor, records, images=[blank_image()] * len(records)), records)
     model.train()
-    return {"test_accuracy": dense, "blank_image_accuracy": blank}
+    by_type = {
+        qtype: round(accuracy(*zip(*[(p, r) for p, r in zip(predictions, records) if r.meta["type"] == qtype])), 3)
+        for qtype in QUESTION_TYPES
+    }
+    return {"test_accuracy": accuracy(predictions, records), "blank_image_accuracy": blank,
+            "test_accuracy_by_type": by_type}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,13 +136,19 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(len(processor.tokenizer), args.seed).train()
     params = sum(p.numel() for p in model.parameters())
     print(f"toy LLaVA: {params / 1e6:.2f}M parameters, {args.steps} steps x {args.batch_size}", flush=True)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms and biases
+    start = time.time()
+    vision_stats = {}
+    if args.vision_steps:
+        vision_stats = pretrain_vision(model, processor, args.vision_steps, args.vision_batch_size, args.vision_lr,
+                                       args.data_seed)
+        model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA's training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]  # norms and biases
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.98),
     )
-    start = time.time()
     running = None
     for step in range(args.steps):
         for group in optimizer.param_groups:
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads,
         "args": vars(args),
+        **vision_stats,
         **evaluate(model, processor, args.final_eval_size, args.data_seed),
         "eval_records": args.final_eval_size,
     }
