@@ -127,6 +127,7 @@ def evaluate(model, processor, size: int, data_seed: int) -> dict[str, float]:
             "test_accuracy_by_type": by_type}
 
 
+@torch.enable_grad()
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

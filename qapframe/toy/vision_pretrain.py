@@ -56,6 +56,7 @@ def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return hidden[model.config.vision_feature_layer][:, 1:]
 
 
+@torch.enable_grad()  # training, whatever grad mode the caller left on
 def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, data_seed: int,
                     log_every: int = 50) -> dict[str, float]:
     """Train ``model``'s vision tower in place; returns the last batch's cell accuracies and the time taken."""

@@ -8,7 +8,14 @@ from qapframe.models.llava import LlavaAdapter
 from qapframe.strategies.base import PRUNERS, SCORERS
 from tests.tiny_models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_inputs, tiny_llava
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _inference_only():
+    """No autograd in this module's tests (a module-level switch would leak into every later test)."""
+    with torch.no_grad():
+        yield
+
+
 NEW = 6
 
 

@@ -8,7 +8,14 @@ from qapframe.models.llava_next import LlavaNextAdapter
 from qapframe.strategies.base import PRUNERS, SCORERS
 from tests.tiny_models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, llava_next_inputs, tiny_llava_next
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _inference_only():
+    """No autograd in this module's tests (a module-level switch would leak into every later test)."""
+    with torch.no_grad():
+        yield
+
+
 NEW = 5
 SIZES = [(32, 64), (64, 64), (30, 50)]  # different grids -> different token counts per image
 
