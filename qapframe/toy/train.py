@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
-from qapframe.data.synthetic import POSITIONS, QUESTION_TYPES, SyntheticVQA, blank_image, follow_up_questions, make_record
+from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt, is_correct
+from qapframe.data.synthetic import POSITIONS, SyntheticVQA, blank_image, follow_up_questions, make_record
+from qapframe.eval.metrics import RecordOutcome, accuracy_by_type
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
-from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, build_model, build_processor, build_tokenizer
+from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, build_model, build_processor, build_tokenizer
 from qapframe.toy.vision_pretrain import pretrain_vision
 
 
@@ -113,16 +114,15 @@ def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Ten
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
-def evaluate(model, processor, size: int, data_seed: int) -> dict[str, float]:
+def evaluate(model, processor, size: int, data_seed: int) -> dict:
     records = list(SyntheticVQA("test", size=size, seed=data_seed))
     model.eval()
     predictions = answer(model, processor, records)
     blank = accuracy(answer(model, processor, records, images=[blank_image()] * len(records)), records)
     model.train()
-    by_type = {
-        qtype: round(accuracy(*zip(*[(p, r) for p, r in zip(predictions, records) if r.meta["type"] == qtype])), 3)
-        for qtype in QUESTION_TYPES
-    }
+    outcomes = [RecordOutcome(i, r.id, r.meta["type"], p, is_correct(p, r), NUM_VISION_TOKENS)
+                for i, (p, r) in enumerate(zip(predictions, records))]
+    by_type = {qtype: round(value, 3) for qtype, value in accuracy_by_type(outcomes).items()}
     return {"test_accuracy": accuracy(predictions, records), "blank_image_accuracy": blank,
             "test_accuracy_by_type": by_type}
 
