@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from qapframe.toy.check import simulate_w4a4_rtn
+from qapframe.toy.check import answer_changes, linear_input_outliers, outlier_stats, simulate_w4a4_rtn
 from qapframe.toy.evaluate import l2norm_selector, random_selector
 from tests.tiny_models import llava_inputs, tiny_llava
 
@@ -68,3 +68,51 @@ def test_selectors_keep_the_requested_tokens_in_order():
     assert rand.shape == (3, 16) and (rand.diff(dim=1) > 0).all()
     assert torch.equal(rand, random_selector(0.25, seed=1)(vision))
     assert not torch.equal(rand, random_selector(0.25, seed=2)(vision))
+
+
+def test_outlier_stats_closed_forms():
+    signs = torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]])
+    stats = outlier_stats(signs)  # every standardized entry is +-1
+    assert stats["kurtosis"] == 1.0 and stats["channel_peak_ratio"] == 1.0
+    gaussian = torch.randn(200_000, 8, generator=torch.Generator().manual_seed(0))
+    assert abs(outlier_stats(gaussian)["kurtosis"] - 3.0) < 0.1
+    scaled = signs.clone()
+    scaled[:, 2] *= 10  # one outlier channel
+    assert outlier_stats(scaled)["channel_peak_ratio"] == 10.0
+
+
+def test_linear_input_outliers_cover_every_llm_linear_and_match_a_float64_reference():
+    model = tiny_llava(seed=0).eval()
+    inputs = llava_inputs(batch_size=2)
+    stats = linear_input_outliers(model, inputs)
+    names = {n for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(stats) == names
+    seen = {}
+    layer = model.model.language_model.layers[1].mlp.down_proj
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach()))
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double().numpy()
+    z = (x - x.mean()) / x.std()
+    peaks = np.abs(x).max(axis=0)
+    expected = {"kurtosis": (z**4).mean(), "channel_peak_ratio": peaks.max() / np.median(peaks)}
+    for key, value in expected.items():
+        assert abs(stats["layers.1.mlp.down_proj"][key] - value) < 1e-6 * max(1.0, value), key
+    assert not layer._forward_pre_hooks  # the hooks are removed
+
+
+def test_answer_changes_count_flips_and_correct_answers_per_type():
+    from qapframe.data.synthetic import make_record
+
+    records = [make_record(0, "test", i) for i in range(12)]
+    before = [r.answer for r in records]
+    after = list(before)
+    after[0] = "zzz"  # a correct answer turned wrong
+    after[1] = " " + after[1] + " "  # whitespace only: not a change
+    table = answer_changes(before, after, records)
+    assert sum(row["questions"] for row in table.values()) == 12
+    assert sum(row["changed"] for row in table.values()) == 1
+    assert sum(row["correct_before"] for row in table.values()) == 12
+    assert sum(row["correct_after"] for row in table.values()) == 11
+    assert table[records[0].meta["type"]]["changed"] == 1

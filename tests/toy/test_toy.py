@@ -111,3 +111,15 @@ def test_shipped_weights_come_from_the_training_scripts_defaults_within_45_minut
     defaults = vars(parse_args(["--out", summary["args"]["out"]]))
     assert summary["args"] == defaults
     assert summary["threads"] == 2 and summary["train_seconds"] < 45 * 60
+
+
+def test_degeneracy_check_reports_both_axes_and_why(toy):
+    from qapframe.toy.check import run_check
+
+    model, processor = toy
+    results = run_check(model, processor, size=20, batch_size=10)
+    for key in ("fp_dense", "fp_blank_image", "w4a4_rtn_dense", "fp_random_12.5%", "fp_l2norm_25%"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert 0 <= results["w4a4_rtn_changed_answers"] <= 20
+    # the outliers of the shipped toy sit in the inputs of down_proj (see the README)
+    assert results["max_kurtosis_down_proj"] > 50 > results["max_kurtosis_q_proj"]
