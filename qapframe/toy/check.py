@@ -19,10 +19,17 @@ import time
 
 import torch
 
-from qapframe.data.prompts import build_prompt, is_correct
+from qapframe.data.prompts import is_correct
 from qapframe.data.synthetic import SyntheticVQA, blank_image
 from qapframe.kernels.reference import fake_quantize_groups
-from qapframe.toy.evaluate import accuracy, answer, answer_with_tokens, l2norm_selector, random_selector
+from qapframe.toy.evaluate import (
+    accuracy,
+    answer,
+    answer_with_tokens,
+    l2norm_selector,
+    processor_inputs,
+    random_selector,
+)
 
 
 def simulate_w4a4_rtn(model, bits: int = 4, group_size: int = 128):
@@ -94,10 +101,7 @@ def run_check(model, processor, size: int = 200, seed: int = 0, batch_size: int 
     changes = answer_changes(dense, dense_w4a4, records)
     results["w4a4_rtn_changed_answers"] = sum(row["changed"] for row in changes.values())
     print(f"{'w4a4_rtn_changed_answers':28s} {results['w4a4_rtn_changed_answers']} of {len(records)}:", changes)
-    sample = records[:batch_size]
-    inputs = processor(images=[r.image for r in sample], text=[build_prompt(r) for r in sample], return_tensors="pt",
-                       padding=True)
-    outliers = linear_input_outliers(model, dict(inputs))
+    outliers = linear_input_outliers(model, dict(processor_inputs(processor, records[:batch_size])))
     for kind in sorted({name.rsplit(".", 1)[-1] for name in outliers}):
         rows = [v for name, v in outliers.items() if name.endswith("." + kind)]
         results[f"max_kurtosis_{kind}"] = round(max(r["kurtosis"] for r in rows), 1)

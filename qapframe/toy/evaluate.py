@@ -19,6 +19,12 @@ from qapframe.data.prompts import build_prompt, is_correct
 Selector = Callable[[torch.Tensor], torch.Tensor]
 
 
+def processor_inputs(processor, records: Sequence[VQARecord], images: Sequence[Image.Image] | None = None):
+    """The batch a user feeds the model: prompts and images (the records' unless ``images``), left-padded."""
+    images = [r.image for r in records] if images is None else list(images)
+    return processor(images=images, text=[build_prompt(r) for r in records], return_tensors="pt", padding=True)
+
+
 @torch.no_grad()
 def answer(model, processor, records: Sequence[VQARecord], batch_size: int = 32, max_new_tokens: int = 6,
            images: Sequence[Image.Image] | None = None) -> list[str]:
@@ -26,9 +32,8 @@ def answer(model, processor, records: Sequence[VQARecord], batch_size: int = 32,
     out: list[str] = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        imgs = [r.image for r in batch] if images is None else list(images[start : start + batch_size])
-        inputs = processor(images=imgs, text=[build_prompt(r) for r in batch], return_tensors="pt", padding=True)
-        inputs = inputs.to(model.device)
+        imgs = None if images is None else images[start : start + batch_size]
+        inputs = processor_inputs(processor, batch, imgs).to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = generated[:, inputs["input_ids"].shape[1] :]  # [B, T_new]
@@ -130,5 +135,5 @@ def l2norm_selector(retention: float) -> Selector:
     return select
 
 
-__all__ = ["accuracy", "answer", "answer_with_tokens", "l2norm_selector", "random_selector", "sequence_embeds",
-           "split_at_image", "vision_tokens"]
+__all__ = ["accuracy", "answer", "answer_with_tokens", "l2norm_selector", "processor_inputs", "random_selector",
+           "sequence_embeds", "split_at_image", "vision_tokens"]

@@ -72,6 +72,7 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
     warmup = max(1, steps // 10)
     start = time.time()
     stats: dict[str, float] = {}
+    ce = torch.nn.functional.cross_entropy
     for step in range(steps):
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
@@ -83,7 +84,6 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
         position_logits = position_head(features)  # [B, N, 9]
         colour, shape = cell_labels(records)
         colour_logits, shape_logits = logits[..., :n_colour], logits[..., n_colour:]
-        ce = torch.nn.functional.cross_entropy
         loss = ce(colour_logits.reshape(-1, n_colour), colour.reshape(-1)) + \
             ce(shape_logits.reshape(-1, n_shape), shape.reshape(-1)) + \
             ce(position_logits.reshape(-1, len(POSITIONS)), cells.repeat(len(records)))
