@@ -17,16 +17,19 @@ fixed set; everything is seeded, and the result is saved with ``save_pretrained`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt, is_correct
-from qapframe.data.synthetic import POSITIONS, SyntheticVQA, blank_image, follow_up_questions, make_record
+from qapframe.data.base import VQARecord
+from qapframe.data.synthetic import POSITIONS, QUESTION_TYPES, SyntheticVQA, blank_image, follow_up_questions, make_record
 from qapframe.eval.metrics import RecordOutcome, accuracy_by_type
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
 from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, build_model, build_processor, build_tokenizer
@@ -52,11 +55,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-prob", type=float, default=0.3, help="probability that an example is a caption")
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="question turns per image in a (LLaVA-style multi-turn) question example")
+    p.add_argument("--question-weights", default="",
+                   help="relative frequency of question types in training, e.g. 'colour=0.5,shape=0.5' "
+                        "(unnamed types weigh 1; empty: the benchmark's own mix)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--final-eval-size", type=int, default=1000)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        question_type_weights(args.question_weights)
+    except ValueError as error:
+        p.error(f"--question-weights: {error}")
+    return args
+
+
+def question_type_weights(text: str) -> dict[str, float]:
+    """``'colour=0.5,count=2'`` -> a weight per question type (1 where unnamed)."""
+    weights = dict.fromkeys(QUESTION_TYPES, 1.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in weights:
+            raise ValueError(f"unknown question type {name!r}; valid: {', '.join(QUESTION_TYPES)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{name}: weight must be a number >= 0, got {value!r}") from None
+        if not weights[name] >= 0:
+            raise ValueError(f"{name}: weight must be a number >= 0, got {value!r}")
+    if not any(weights.values()):
+        raise ValueError("at least one question type needs a weight > 0")
+    return weights
+
+
+def training_records(data_seed: int, weights: dict[str, float], seed: int) -> Iterator[VQARecord]:
+    """Train-split records in index order, each kept with probability (its type's weight / the largest).
+
+    Equal weights keep every record, so the stream is the benchmark's own; the acceptance draws use
+    their own generator so that they do not shift token dropping or caption choices.
+    """
+    top = max(weights.values())
+    accept = random.Random(f"qapframe-toy-question-types:{seed}")
+    for index in itertools.count():
+        record = make_record(data_seed, "train", index)
+        weight = weights[record.meta["type"]]
+        if weight == top or accept.random() < weight / top:
+            yield record
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -151,11 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         lr=args.lr, betas=(0.9, 0.98),
     )
     running = None
+    stream = training_records(args.data_seed, question_type_weights(args.question_weights), args.seed)
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        base = step * args.batch_size
-        records = [make_record(args.data_seed, "train", base + i) for i in range(args.batch_size)]
+        records = list(itertools.islice(stream, args.batch_size))
         loss = batch_loss(model, processor, records, rng, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -80,3 +80,49 @@ def test_multi_turn_loss_is_the_cross_entropy_of_every_answer_of_the_conversatio
         cursor = start + len(target)
     expected = torch.nn.functional.cross_entropy(logits[torch.tensor(positions) - 1], torch.tensor(targets))
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_equal_question_weights_keep_the_benchmarks_own_record_stream():
+    import itertools
+
+    from qapframe.toy.train import question_type_weights, training_records
+
+    stream = training_records(0, question_type_weights(""), seed=0)
+    assert [r.id for r in itertools.islice(stream, 40)] == [make_record(0, "train", i).id for i in range(40)]
+
+
+def test_question_weights_set_the_training_mix_of_question_types():
+    import collections
+    import itertools
+
+    from qapframe.data.synthetic import QUESTION_TYPES
+    from qapframe.toy.train import question_type_weights, training_records
+
+    def mix(text):
+        records = list(itertools.islice(training_records(0, question_type_weights(text), seed=0), 1500))
+        counts = collections.Counter(r.meta["type"] for r in records)
+        return {t: counts[t] / len(records) for t in QUESTION_TYPES}
+
+    own, reweighted = mix(""), mix("colour=0.5,shape=0.5")
+    # expected share of type t: own[t] * w[t] / sum_u own[u] * w[u]
+    norm = sum(own[t] * (0.5 if t in ("colour", "shape") else 1.0) for t in QUESTION_TYPES)
+    for t in QUESTION_TYPES:
+        expected = own[t] * (0.5 if t in ("colour", "shape") else 1.0) / norm
+        assert abs(reweighted[t] - expected) < 0.035, (t, reweighted[t], expected)
+    assert mix("count=0")["count"] == 0.0
+    # seeded: the same arguments give the same stream
+    first = [r.id for r in itertools.islice(training_records(0, question_type_weights("count=0.3"), seed=1), 30)]
+    again = [r.id for r in itertools.islice(training_records(0, question_type_weights("count=0.3"), seed=1), 30)]
+    assert first == again
+
+
+def test_bad_question_weights_are_refused_naming_the_flag_and_the_valid_types(capsys):
+    import pytest
+
+    for bad, expected in [("size=2", "colour, shape, position, count, comparison"), ("count=x", "count: weight must be"),
+                          ("count=-1", "count: weight must be"),
+                          ("colour=0,shape=0,position=0,count=0,comparison=0", "at least one")]:
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "unused", "--question-weights", bad])
+        err = capsys.readouterr().err
+        assert "--question-weights" in err and expected in err, err
