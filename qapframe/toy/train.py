@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="directory for the model and processor files")
     p.add_argument("--seed", type=int, default=0, help="initialisation, token dropping and data order")
     p.add_argument("--data-seed", type=int, default=0, help="benchmark seed (train records of this seed)")
+    p.add_argument("--init-from", default=None,
+                   help="continue from a saved toy (a --out directory, or 'toy' for the shipped one) instead of a "
+                        "fresh model; its vision tower stays frozen and stage 0 is skipped")
     p.add_argument("--vision-steps", type=int, default=300,
                    help="stage 0: vision-tower pretraining steps (0 trains the tower through the LLM instead)")
     p.add_argument("--vision-batch-size", type=int, default=64)
@@ -63,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--final-eval-size", type=int, default=1000)
     args = p.parse_args(argv)
+    if args.init_from is not None and args.init_from != "toy" and not (Path(args.init_from) / "config.json").is_file():
+        p.error(f"--init-from: {args.init_from} holds no saved model (config.json); give a --out directory "
+                "of this script or 'toy'")
     try:
         question_type_weights(args.question_weights)
     except ValueError as error:
@@ -101,6 +107,14 @@ def training_records(data_seed: int, weights: dict[str, float], seed: int) -> It
         weight = weights[record.meta["type"]]
         if weight == top or accept.random() < weight / top:
             yield record
+
+
+def _saved_model(path: str):
+    from transformers import LlavaForConditionalGeneration
+
+    from qapframe.toy import TOY_PATH
+
+    return LlavaForConditionalGeneration.from_pretrained(TOY_PATH if path == "toy" else path, dtype=torch.float32)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -178,12 +192,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     processor = build_processor(build_tokenizer())
-    model = build_model(len(processor.tokenizer), args.seed).train()
+    model = build_model(len(processor.tokenizer), args.seed) if args.init_from is None else _saved_model(args.init_from)
+    model.train()
     params = sum(p.numel() for p in model.parameters())
     print(f"toy LLaVA: {params / 1e6:.2f}M parameters, {args.steps} steps x {args.batch_size}", flush=True)
     start = time.time()
     vision_stats = {}
-    if args.vision_steps:
+    if args.init_from is not None:
+        model.model.vision_tower.requires_grad_(False)  # pretrained by the run that saved it
+    elif args.vision_steps:
         vision_stats = pretrain_vision(model, processor, args.vision_steps, args.vision_batch_size, args.vision_lr,
                                        args.data_seed)
         model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA's training

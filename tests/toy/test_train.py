@@ -126,3 +126,33 @@ def test_bad_question_weights_are_refused_naming_the_flag_and_the_valid_types(ca
             parse_args(["--out", "unused", "--question-weights", bad])
         err = capsys.readouterr().err
         assert "--question-weights" in err and expected in err, err
+
+
+def test_init_from_continues_the_shipped_toy_with_its_tower_frozen(tmp_path):
+    from safetensors.torch import load_file
+
+    from qapframe.toy import TOY_PATH
+    from qapframe.toy.train import main
+
+    shipped = load_file(TOY_PATH / "model.safetensors")
+    common = ["--init-from", "toy", "--eval-every", "0", "--final-eval-size", "4", "--batch-size", "4"]
+    main(["--out", str(tmp_path / "zero"), "--steps", "0", *common])
+    unchanged = load_file(tmp_path / "zero" / "model.safetensors")
+    assert unchanged.keys() == shipped.keys()
+    assert all(torch.equal(unchanged[k], shipped[k]) for k in shipped)
+
+    main(["--out", str(tmp_path / "one"), "--steps", "1", *common])
+    stepped = load_file(tmp_path / "one" / "model.safetensors")
+    tower = [k for k in shipped if "vision_tower" in k]
+    llm = [k for k in shipped if "language_model" in k]
+    assert tower and all(torch.equal(stepped[k], shipped[k]) for k in tower)
+    assert any(not torch.equal(stepped[k], shipped[k]) for k in llm)
+
+
+def test_init_from_a_directory_without_a_model_is_refused(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "unused", "--init-from", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--init-from" in err and str(tmp_path) in err and "config.json" in err
