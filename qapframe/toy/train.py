@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "fresh model; its vision tower stays frozen and stage 0 is skipped")
     p.add_argument("--vision-steps", type=int, default=300,
                    help="stage 0: vision-tower pretraining steps (0 trains the tower through the LLM instead)")
+    p.add_argument("--vision-patch-labels", action=argparse.BooleanOptionalAction, default=False,
+                   help="stage 0: every patch alone must also name its cell's colour and shape")
     p.add_argument("--vision-batch-size", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=2000)
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.model.vision_tower.requires_grad_(False)  # pretrained by the run that saved it
     elif args.vision_steps:
         vision_stats = pretrain_vision(model, processor, args.vision_steps, args.vision_batch_size, args.vision_lr,
-                                       args.data_seed)
+                                       args.data_seed, patch_labels=args.vision_patch_labels)
         model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA's training
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]

@@ -58,8 +58,12 @@ def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.enable_grad()  # training, whatever grad mode the caller left on
 def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, data_seed: int,
-                    log_every: int = 50) -> dict[str, float]:
-    """Train ``model``'s vision tower in place; returns the last batch's cell accuracies and the time taken."""
+                    log_every: int = 50, patch_labels: bool = False) -> dict[str, float]:
+    """Train ``model``'s vision tower in place; returns the last batch's cell accuracies and the time taken.
+
+    ``patch_labels``: the same colour/shape head must also read every patch alone, so that one token names
+    what occupies its cell (a key that attention can search by attributes), not only the cell's mean.
+    """
     tower = model.model.vision_tower
     width = model.config.vision_config.hidden_size
     n_colour, n_shape = 1 + len(COLOURS), 1 + len(SHAPES)
@@ -87,6 +91,11 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
         loss = ce(colour_logits.reshape(-1, n_colour), colour.reshape(-1)) + \
             ce(shape_logits.reshape(-1, n_shape), shape.reshape(-1)) + \
             ce(position_logits.reshape(-1, len(POSITIONS)), cells.repeat(len(records)))
+        if patch_labels:
+            patch_logits = head(features)  # [B, N, n_colour + n_shape]
+            patch_colour, patch_shape = colour[:, cells], shape[:, cells]  # each patch: its cell's labels
+            loss = loss + ce(patch_logits[..., :n_colour].reshape(-1, n_colour), patch_colour.reshape(-1)) + \
+                ce(patch_logits[..., n_colour:].reshape(-1, n_shape), patch_shape.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -98,6 +107,9 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
                 "cell_shape_accuracy": round((shape_logits.argmax(-1) == shape).float().mean().item(), 4),
                 "patch_cell_accuracy": round((position_logits.argmax(-1) == cells).float().mean().item(), 4),
             }
+            if patch_labels:
+                stats["patch_shape_accuracy"] = round(
+                    (patch_logits[..., n_colour:].argmax(-1) == patch_shape).float().mean().item(), 4)
             print(f"vision step {step + 1:4d}  {stats}  {time.time() - start:5.0f}s", flush=True)
     stats["vision_seconds"] = round(time.time() - start, 1)
     return stats
