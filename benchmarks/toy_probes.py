@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qapframe.data.synthetic import COLOURS, SHAPES, make_record
-from qapframe.toy import load_toy
+from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import vision_tokens
 from qapframe.toy.vision_pretrain import cell_labels, patch_cells
 
@@ -104,13 +104,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.model == "toy":
-        model, processor = load_toy()
-    else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-        processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_toy(path=TOY_PATH if args.model == "toy" else args.model)
     rows = run_probes(model, processor, args.train, args.test)
     print(f"{'probe':<56} {'accuracy':>9} {'prior':>7}")
     for row in rows:

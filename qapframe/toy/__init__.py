@@ -13,17 +13,19 @@ import torch
 TOY_PATH = Path(__file__).resolve().parent / "weights"
 
 
-def load_toy(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """``(model, processor)`` of the shipped toy, in eval mode, on ``device`` in ``dtype``."""
+def load_toy(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", path: str | Path = TOY_PATH):
+    """``(model, processor)`` of the shipped toy (or of a toy the training script saved at ``path``), in eval
+    mode, on ``device`` in ``dtype``."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    if not (TOY_PATH / "model.safetensors").is_file():
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        hint = "reinstall qapframe or run" if path == TOY_PATH else "train one with"
         raise FileNotFoundError(
-            f"the toy model's weights are missing from {TOY_PATH}; reinstall qapframe or run "
-            f"`python -m qapframe.toy.train --out {TOY_PATH}`"
+            f"the toy model's weights are missing from {path}; {hint} `python -m qapframe.toy.train --out {path}`"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(TOY_PATH, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(TOY_PATH)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
     return model, processor
 
 

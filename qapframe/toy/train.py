@@ -31,6 +31,7 @@ from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt, is_correct
 from qapframe.data.base import VQARecord
 from qapframe.data.synthetic import POSITIONS, QUESTION_TYPES, SyntheticVQA, blank_image, follow_up_questions, make_record
 from qapframe.eval.metrics import RecordOutcome, accuracy_by_type
+from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
 from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, build_model, build_processor, build_tokenizer
 from qapframe.toy.vision_pretrain import pretrain_vision
@@ -68,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--final-eval-size", type=int, default=1000)
     args = p.parse_args(argv)
-    if args.init_from is not None and args.init_from != "toy" and not (Path(args.init_from) / "config.json").is_file():
-        p.error(f"--init-from: {args.init_from} holds no saved model (config.json); give a --out directory "
+    if args.init_from not in (None, "toy") and not (Path(args.init_from) / "model.safetensors").is_file():
+        p.error(f"--init-from: {args.init_from} holds no saved model (model.safetensors); give a --out directory "
                 "of this script or 'toy'")
     try:
         question_type_weights(args.question_weights)
@@ -109,14 +110,6 @@ def training_records(data_seed: int, weights: dict[str, float], seed: int) -> It
         weight = weights[record.meta["type"]]
         if weight == top or accept.random() < weight / top:
             yield record
-
-
-def _saved_model(path: str):
-    from transformers import LlavaForConditionalGeneration
-
-    from qapframe.toy import TOY_PATH
-
-    return LlavaForConditionalGeneration.from_pretrained(TOY_PATH if path == "toy" else path, dtype=torch.float32)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -193,8 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    processor = build_processor(build_tokenizer())
-    model = build_model(len(processor.tokenizer), args.seed) if args.init_from is None else _saved_model(args.init_from)
+    if args.init_from is None:
+        processor = build_processor(build_tokenizer())
+        model = build_model(len(processor.tokenizer), args.seed)
+    else:  # the saved model with the processor it was trained with
+        model, processor = load_toy(path=TOY_PATH if args.init_from == "toy" else args.init_from)
     model.train()
     params = sum(p.numel() for p in model.parameters())
     print(f"toy LLaVA: {params / 1e6:.2f}M parameters, {args.steps} steps x {args.batch_size}", flush=True)

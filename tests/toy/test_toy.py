@@ -126,3 +126,13 @@ def test_degeneracy_check_reports_both_axes_and_why(toy):
     assert 0 <= results["w4a4_rtn_changed_answers"] <= 20
     # the outliers of the shipped toy sit in the inputs of down_proj (see the README)
     assert results["max_kurtosis_down_proj"] > 50 > results["max_kurtosis_q_proj"]
+
+
+def test_load_toy_from_a_directory_without_weights_names_it_and_how_to_make_one(tmp_path):
+    import pytest
+
+    from qapframe.toy import load_toy
+
+    with pytest.raises(FileNotFoundError) as error:
+        load_toy(path=tmp_path)
+    assert str(tmp_path) in str(error.value) and "python -m qapframe.toy.train --out" in str(error.value)

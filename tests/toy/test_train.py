@@ -155,4 +155,4 @@ def test_init_from_a_directory_without_a_model_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--out", "unused", "--init-from", str(tmp_path)])
     err = capsys.readouterr().err
-    assert "--init-from" in err and str(tmp_path) in err and "config.json" in err
+    assert "--init-from" in err and str(tmp_path) in err and "model.safetensors" in err
