@@ -2,12 +2,13 @@
 
     python benchmarks/toy_probes.py [--model toy] [--train 1500] [--test 500] [--out benchmarks/results/toy_probes.json]
 
-Why: the toy solves "what is at <place>" but not "where is the <colour> <shape>" or "how many <colour>".
-The probes separate the two possible causes. A search by attributes needs every single token to say what
-occupies its cell (the attention key of one token); a count can instead be read from the mean of the
-tokens (what uniform attention returns). Each probe is a linear softmax classifier fitted on tokens of
-fresh train-split images and scored on other images; the prior is the most common training label's
-share of the test labels, so a probe near its prior finds nothing.
+Why: a toy that solves "what is at <place>" but not "where is the <colour> <shape>" or "how many
+<colour>" fails either in its vision features or in its LLM; the probes separate the two. A search by
+attributes needs every single token to say what occupies its cell (the attention key of one token); a
+count can be read from the mean of the tokens (what uniform attention returns), or from any one token
+if the tower spreads the scene's counts over its patches. Each probe is a linear softmax classifier
+fitted on tokens of fresh train-split images and scored on other images; the prior is the most common
+training label's share of the test labels, so a probe near its prior finds nothing.
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ def run_probes(model, processor, n_train: int, n_test: int, seed: int = 0) -> li
     add("one token of an occupied cell -> the object's shape", tokens_train[occupied_train],
         train["shape"].reshape(-1)[occupied_train], tokens_test[occupied_test], test["shape"].reshape(-1)[occupied_test])
     mean_train, mean_test = train["tokens"].mean(1), test["tokens"].mean(1)
-    for i, colour in enumerate(COLOURS):
-        add(f"mean token -> number of {colour} objects", mean_train, train["colour_counts"][:, i],
-            mean_test, test["colour_counts"][:, i])
-    for i, shape in enumerate(SHAPES):
-        add(f"mean token -> number of {shape}s", mean_train, train["shape_counts"][:, i],
-            mean_test, test["shape_counts"][:, i])
+    n = train["tokens"].shape[1]
+    counts = [(f"{colour} objects", "colour_counts", i) for i, colour in enumerate(COLOURS)] + \
+             [(f"{shape}s", "shape_counts", i) for i, shape in enumerate(SHAPES)]
+    for what, key, i in counts:
+        add(f"mean token -> number of {what}", mean_train, train[key][:, i], mean_test, test[key][:, i])
+    for what, key, i in counts:  # every token labelled with its image's count: can one token alone say it?
+        add(f"one token -> number of {what}", tokens_train, train[key][:, i].repeat_interleave(n),
+            tokens_test, test[key][:, i].repeat_interleave(n))
     return rows
 
 

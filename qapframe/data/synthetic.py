@@ -37,6 +37,7 @@ FORMS = ("multiple_choice", "short_answer")
 SPLITS = ("train", "calibration", "test")
 DEFAULT_SIZES = {"train": 50_000, "calibration": 256, "test": 1_000}
 NUMBERS = ("0", "1", "2", "3", "4", "5")
+MIN_OBJECTS, MAX_OBJECTS = 3, 5  # per scene
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class SceneObject:
 
 
 def random_scene(rng: random.Random) -> list[SceneObject]:
-    """3-5 objects in distinct grid cells."""
-    count = rng.randint(3, 5)
+    """`MIN_OBJECTS`-`MAX_OBJECTS` objects in distinct grid cells."""
+    count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
     cells = rng.sample(range(len(POSITIONS)), count)
     return [SceneObject(rng.choice(list(COLOURS)), rng.choice(SHAPES), cell) for cell in cells]
 
@@ -197,6 +198,8 @@ class SyntheticVQA(VQADataset):
 __all__ = [
     "COLOURS",
     "FORMS",
+    "MAX_OBJECTS",
+    "MIN_OBJECTS",
     "POSITIONS",
     "QUESTION_TYPES",
     "SHAPES",

@@ -45,10 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", default=None,
                    help="continue from a saved toy (a --out directory, or 'toy' for the shipped one) instead of a "
                         "fresh model; its vision tower stays frozen and stage 0 is skipped")
+    p.add_argument("--embed-std", type=float, default=None,
+                   help="initial standard deviation of the LLM's word embeddings (default: LLaMA's 0.02)")
     p.add_argument("--vision-steps", type=int, default=300,
                    help="stage 0: vision-tower pretraining steps (0 trains the tower through the LLM instead)")
     p.add_argument("--vision-patch-labels", action=argparse.BooleanOptionalAction, default=False,
                    help="stage 0: every patch alone must also name its cell's colour and shape")
+    p.add_argument("--vision-scene-counts", action=argparse.BooleanOptionalAction, default=False,
+                   help="stage 0: every patch must also give the scene's object count per colour and per shape")
     p.add_argument("--vision-batch-size", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=2000)
@@ -72,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init_from not in (None, "toy") and not (Path(args.init_from) / "model.safetensors").is_file():
         p.error(f"--init-from: {args.init_from} holds no saved model (model.safetensors); give a --out directory "
                 "of this script or 'toy'")
+    if args.embed_std is not None and not args.embed_std > 0:
+        p.error(f"--embed-std: must be a number > 0 (or left out for LLaMA's 0.02), got {args.embed_std}")
+    if args.embed_std is not None and args.init_from is not None:
+        p.error("--embed-std: only a fresh model is initialised; --init-from continues a trained one")
     try:
         question_type_weights(args.question_weights)
     except ValueError as error:
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     if args.init_from is None:
         processor = build_processor(build_tokenizer())
-        model = build_model(len(processor.tokenizer), args.seed)
+        model = build_model(len(processor.tokenizer), args.seed, args.embed_std)
     else:  # the saved model with the processor it was trained with
         model, processor = load_toy(path=TOY_PATH if args.init_from == "toy" else args.init_from)
     model.train()
@@ -200,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.model.vision_tower.requires_grad_(False)  # pretrained by the run that saved it
     elif args.vision_steps:
         vision_stats = pretrain_vision(model, processor, args.vision_steps, args.vision_batch_size, args.vision_lr,
-                                       args.data_seed, patch_labels=args.vision_patch_labels)
+                                       args.data_seed, patch_labels=args.vision_patch_labels,
+                                       patch_scene_counts=args.vision_scene_counts)
         model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA's training
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]

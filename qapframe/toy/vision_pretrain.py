@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from qapframe.data.synthetic import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, make_record
+from qapframe.data.synthetic import COLOURS, IMAGE_SIZE, MAX_OBJECTS, POSITIONS, SHAPES, make_record
 from qapframe.toy.model import PATCH_SIZE
 
 # Stage-0 images come from their own index range of the train split, apart from stage 1's records.
@@ -50,6 +50,15 @@ def cell_labels(records) -> tuple[torch.Tensor, torch.Tensor]:
     return colour, shape
 
 
+def scene_counts(records) -> torch.Tensor:
+    """``[B, C + S]`` how many objects of each colour, then of each shape, each scene holds."""
+    rows = []
+    for record in records:
+        objects = record.meta["objects"]
+        rows.append([sum(o[0] == c for o in objects) for c in COLOURS] + [sum(o[1] == s for o in objects) for s in SHAPES])
+    return torch.tensor(rows)
+
+
 def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """Patch features ``[B, N, D]`` of the layer LLaVA projects (``vision_feature_layer``), CLS dropped."""
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
@@ -58,11 +67,14 @@ def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.enable_grad()  # training, whatever grad mode the caller left on
 def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, data_seed: int,
-                    log_every: int = 50, patch_labels: bool = False) -> dict[str, float]:
+                    log_every: int = 50, patch_labels: bool = False, patch_scene_counts: bool = False) -> dict[str, float]:
     """Train ``model``'s vision tower in place; returns the last batch's cell accuracies and the time taken.
 
     ``patch_labels``: the same colour/shape head must also read every patch alone, so that one token names
     what occupies its cell (a key that attention can search by attributes), not only the cell's mean.
+    ``patch_scene_counts``: every patch must also say how many objects of each colour and each shape the
+    whole scene holds, standing in for the image-level information real CLIP patch tokens also carry (a
+    count then reads off any one token instead of an attention-weighted sum of patch masses).
     """
     tower = model.model.vision_tower
     width = model.config.vision_config.hidden_size
@@ -70,6 +82,10 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
     head = torch.nn.Linear(width, n_colour + n_shape)
     position_head = torch.nn.Linear(width, len(POSITIONS))
     params = [*tower.parameters(), *head.parameters(), *position_head.parameters()]
+    n_counts, n_values = len(COLOURS) + len(SHAPES), MAX_OBJECTS + 1
+    if patch_scene_counts:  # built only when used, so runs without it draw the same random numbers as before
+        count_head = torch.nn.Linear(width, n_counts * n_values)
+        params += count_head.parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     cells = patch_cells()
     pool = cell_pooling(cells)
@@ -96,6 +112,10 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
             patch_colour, patch_shape = colour[:, cells], shape[:, cells]  # each patch: its cell's labels
             loss = loss + ce(patch_logits[..., :n_colour].reshape(-1, n_colour), patch_colour.reshape(-1)) + \
                 ce(patch_logits[..., n_colour:].reshape(-1, n_shape), patch_shape.reshape(-1))
+        if patch_scene_counts:
+            count_logits = count_head(features).reshape(len(records), -1, n_counts, n_values)  # [B, N, C + S, V]
+            counts = scene_counts(records)[:, None].expand(-1, count_logits.shape[1], -1)  # [B, N, C + S]
+            loss = loss + ce(count_logits.reshape(-1, n_values), counts.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -110,9 +130,11 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
             if patch_labels:
                 stats["patch_shape_accuracy"] = round(
                     (patch_logits[..., n_colour:].argmax(-1) == patch_shape).float().mean().item(), 4)
+            if patch_scene_counts:
+                stats["patch_count_accuracy"] = round((count_logits.argmax(-1) == counts).float().mean().item(), 4)
             print(f"vision step {step + 1:4d}  {stats}  {time.time() - start:5.0f}s", flush=True)
     stats["vision_seconds"] = round(time.time() - start, 1)
     return stats
 
 
-__all__ = ["cell_labels", "cell_pooling", "patch_cells", "patch_features", "pretrain_vision"]
+__all__ = ["cell_labels", "cell_pooling", "patch_cells", "patch_features", "pretrain_vision", "scene_counts"]

@@ -56,3 +56,18 @@ def test_config_follows_llava_1_5_layout():
     assert config.vision_feature_select_strategy == "default" and config.vision_feature_layer == -2
     assert config.vision_config.model_type == "clip_vision_model" and config.text_config.model_type == "llama"
     assert config.image_seq_length == NUM_VISION_TOKENS
+
+
+def test_embed_std_redraws_only_the_word_embeddings():
+    """``embed_std`` scales the word embeddings (pad stays zero) and leaves every other initial weight as
+    ``seed`` gives it; without it the model is LLaMA's 0.02-scale initialisation, bit for bit as before."""
+    plain = dict(build_model(100, seed=3).named_parameters())
+    assert torch.equal(dict(build_model(100, seed=3, embed_std=None).named_parameters())["lm_head.weight"],
+                       plain["lm_head.weight"])
+    scaled = dict(build_model(100, seed=3, embed_std=1.0).named_parameters())
+    name = "model.language_model.embed_tokens.weight"
+    embeddings = scaled[name]
+    assert abs(embeddings[1:].std().item() - 1.0) < 0.03 and abs(plain[name][1:].std().item() - 0.02) < 0.002
+    assert not embeddings[0].any()  # the pad row
+    assert all(torch.equal(p, plain[n]) for n, p in scaled.items() if n != name)
+    assert torch.equal(build_model(100, seed=3, embed_std=1.0).get_input_embeddings().weight, embeddings)

@@ -2,9 +2,11 @@
 
 import torch
 
-from qapframe.data.synthetic import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, make_record
+from qapframe.data.synthetic import COLOURS, IMAGE_SIZE, MAX_OBJECTS, POSITIONS, SHAPES, make_record
 from qapframe.toy.model import NUM_VISION_TOKENS, PATCH_SIZE, build_model, build_processor
-from qapframe.toy.vision_pretrain import RECORD_OFFSET, cell_labels, cell_pooling, patch_cells, patch_features, pretrain_vision
+from qapframe.toy.vision_pretrain import (
+    RECORD_OFFSET, cell_labels, cell_pooling, patch_cells, patch_features, pretrain_vision, scene_counts,
+)
 
 
 def test_each_cell_holds_the_patches_whose_centres_lie_in_it():
@@ -87,3 +89,47 @@ def test_patch_labels_teach_every_patch_its_cells_content():
     _, shape = cell_labels(records)
     empty_share = (shape[:, patch_cells()] == 0).float().mean().item()
     assert stats["patch_shape_accuracy"] > empty_share
+
+
+def test_scene_counts_are_the_objects_of_each_colour_then_each_shape():
+    records = [make_record(0, "train", i) for i in range(30)]
+    counts = scene_counts(records)
+    assert counts.shape == (30, len(COLOURS) + len(SHAPES))
+    for row, record in zip(counts.tolist(), records):
+        objects = record.meta["objects"]
+        assert row[: len(COLOURS)] == [[o[0] for o in objects].count(c) for c in COLOURS]
+        assert row[len(COLOURS):] == [[o[1] for o in objects].count(s) for s in SHAPES]
+        # every object has one colour and one shape
+        assert sum(row[: len(COLOURS)]) == sum(row[len(COLOURS):]) == len(objects)
+
+
+def test_scene_counts_teach_every_patch_the_whole_scenes_counts():
+    """Each patch learns the image-level counts (only the tower changes); 60 small steps beat the most
+    common count for every colour and shape, which a patch cannot know without looking at the others."""
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(len(processor.tokenizer), seed=0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stats = pretrain_vision(model, processor, steps=60, batch_size=16, lr=2e-3, data_seed=0, log_every=60,
+                            patch_scene_counts=True)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("model.vision_tower.") for name in changed)
+    records = [make_record(0, "train", RECORD_OFFSET + 59 * 16 + i) for i in range(16)]  # the last batch
+    counts = scene_counts(records)
+    majority = max((counts == value).float().mean().item() for value in range(MAX_OBJECTS + 1))
+    assert stats["patch_count_accuracy"] > majority
+
+
+def test_the_count_head_draws_random_numbers_only_when_used():
+    """Runs without scene counts (the shipped recipe) draw exactly what they drew before the option existed."""
+    processor = build_processor()
+
+    def random_stream_after(**options) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = build_model(len(processor.tokenizer), seed=0)
+        pretrain_vision(model, processor, steps=1, batch_size=2, lr=2e-3, data_seed=0, log_every=1, **options)
+        return torch.rand(4)
+
+    plain = random_stream_after()
+    assert torch.equal(plain, random_stream_after(patch_labels=True))  # no head of its own
+    assert not torch.equal(plain, random_stream_after(patch_scene_counts=True))  # its head's initial weights
