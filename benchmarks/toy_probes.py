@@ -24,7 +24,7 @@ import torch
 from qapframe.data.synthetic import COLOURS, SHAPES, make_record
 from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import vision_tokens
-from qapframe.toy.vision_pretrain import cell_labels, patch_cells
+from qapframe.toy.vision_pretrain import cell_labels, patch_cells, scene_counts
 
 # Probe images come from their own index range of the train split, apart from both training stages.
 RECORD_OFFSET = 20_000_000
@@ -38,10 +38,9 @@ def token_table(model, processor, start: int, count: int) -> dict[str, torch.Ten
                             for i in range(0, count, 100)])
     cells = patch_cells()
     colour, shape = cell_labels(records)
-    per_colour = [[sum(o[0] == c for o in r.meta["objects"]) for c in COLOURS] for r in records]
-    per_shape = [[sum(o[1] == s for o in r.meta["objects"]) for s in SHAPES] for r in records]
+    counts = scene_counts(records)  # [B, C + S]
     return {"tokens": tokens, "cell": cells.expand(count, -1), "colour": colour[:, cells], "shape": shape[:, cells],
-            "colour_counts": torch.tensor(per_colour), "shape_counts": torch.tensor(per_shape)}
+            "colour_counts": counts[:, : len(COLOURS)], "shape_counts": counts[:, len(COLOURS):]}
 
 
 def fit_probe(x_train, y_train, x_test, y_test, seed: int, steps: int = 300) -> tuple[float, float]:

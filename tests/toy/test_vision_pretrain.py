@@ -59,13 +59,21 @@ def test_patch_features_are_the_layer_llava_projects():
     torch.testing.assert_close(projected, torch.stack(list(llava)))
 
 
-def test_pretraining_changes_only_the_vision_tower_and_learns_cell_colours():
+def _pretrain(steps: int, **options) -> tuple[dict, set[str], list]:
+    """A fresh toy's stage 0 (batches of 16): its stats, the parameters it changed, and its last batch."""
     torch.manual_seed(0)
     processor = build_processor()
     model = build_model(len(processor.tokenizer), seed=0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    stats = pretrain_vision(model, processor, steps=40, batch_size=16, lr=2e-3, data_seed=0, log_every=40)
+    stats = pretrain_vision(model, processor, steps=steps, batch_size=16, lr=2e-3, data_seed=0, log_every=steps,
+                            **options)
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    last_batch = [make_record(0, "train", RECORD_OFFSET + (steps - 1) * 16 + i) for i in range(16)]
+    return stats, changed, last_batch
+
+
+def test_pretraining_changes_only_the_vision_tower_and_learns_cell_colours():
+    stats, changed, _ = _pretrain(40)
     assert changed and all(name.startswith("model.vision_tower.") for name in changed)
     # layers up to the projected one (-2 of 4) learn; the last layer feeds nothing and stays as initialised
     assert any(".encoder.layers.2." in name for name in changed)
@@ -77,16 +85,9 @@ def test_pretraining_changes_only_the_vision_tower_and_learns_cell_colours():
 def test_patch_labels_teach_every_patch_its_cells_content():
     """With ``patch_labels`` the shared head reads each patch alone; its per-patch accuracy is reported and
     beats answering "empty" everywhere (the majority of patches lie in empty cells)."""
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(len(processor.tokenizer), seed=0)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    stats = pretrain_vision(model, processor, steps=40, batch_size=16, lr=2e-3, data_seed=0, log_every=40,
-                            patch_labels=True)
-    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    stats, changed, last_batch = _pretrain(40, patch_labels=True)
     assert changed and all(name.startswith("model.vision_tower.") for name in changed)
-    records = [make_record(0, "train", RECORD_OFFSET + 39 * 16 + i) for i in range(16)]  # the last batch
-    _, shape = cell_labels(records)
+    _, shape = cell_labels(last_batch)
     empty_share = (shape[:, patch_cells()] == 0).float().mean().item()
     assert stats["patch_shape_accuracy"] > empty_share
 
@@ -104,18 +105,11 @@ def test_scene_counts_are_the_objects_of_each_colour_then_each_shape():
 
 
 def test_scene_counts_teach_every_patch_the_whole_scenes_counts():
-    """Each patch learns the image-level counts (only the tower changes); 60 small steps beat the most
-    common count for every colour and shape, which a patch cannot know without looking at the others."""
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(len(processor.tokenizer), seed=0)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    stats = pretrain_vision(model, processor, steps=60, batch_size=16, lr=2e-3, data_seed=0, log_every=60,
-                            patch_scene_counts=True)
-    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    """Each patch learns the image-level counts (only the tower changes); after 60 small steps its answers
+    beat always giving the most common count, which a patch cannot do better than without seeing the others."""
+    stats, changed, last_batch = _pretrain(60, patch_scene_counts=True)
     assert changed and all(name.startswith("model.vision_tower.") for name in changed)
-    records = [make_record(0, "train", RECORD_OFFSET + 59 * 16 + i) for i in range(16)]  # the last batch
-    counts = scene_counts(records)
+    counts = scene_counts(last_batch)
     majority = max((counts == value).float().mean().item() for value in range(MAX_OBJECTS + 1))
     assert stats["patch_count_accuracy"] > majority
 
