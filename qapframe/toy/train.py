@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "fresh model; its vision tower stays frozen and stage 0 is skipped")
     p.add_argument("--embed-std", type=float, default=None,
                    help="initial standard deviation of the LLM's word embeddings (default: LLaMA's 0.02)")
+    p.add_argument("--llm-init-std", type=float, default=None,
+                   help="initial standard deviation of every LLM weight matrix (default: LLaMA's 0.02)")
     p.add_argument("--vision-steps", type=int, default=300,
                    help="stage 0: vision-tower pretraining steps (0 trains the tower through the LLM instead)")
     p.add_argument("--vision-patch-labels", action=argparse.BooleanOptionalAction, default=False,
@@ -78,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "of this script or 'toy'")
     if args.embed_std is not None and not args.embed_std > 0:
         p.error(f"--embed-std: must be a number > 0 (or left out for LLaMA's 0.02), got {args.embed_std}")
+    if args.llm_init_std is not None and not args.llm_init_std > 0:
+        p.error(f"--llm-init-std: must be a number > 0 (or left out for LLaMA's 0.02), got {args.llm_init_std}")
+    if args.llm_init_std is not None and args.embed_std is not None:
+        p.error("--llm-init-std: redraws the word embeddings too; give it or --embed-std, not both")
+    if args.llm_init_std is not None and args.init_from is not None:
+        p.error("--llm-init-std: only a fresh model is initialised; --init-from continues a trained one")
     if args.embed_std is not None and args.init_from is not None:
         p.error("--embed-std: only a fresh model is initialised; --init-from continues a trained one")
     try:
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     if args.init_from is None:
         processor = build_processor(build_tokenizer())
-        model = build_model(len(processor.tokenizer), args.seed, args.embed_std)
+        model = build_model(len(processor.tokenizer), args.seed, args.embed_std, args.llm_init_std)
     else:  # the saved model with the processor it was trained with
         model, processor = load_toy(path=TOY_PATH if args.init_from == "toy" else args.init_from)
     model.train()

@@ -71,3 +71,23 @@ def test_embed_std_redraws_only_the_word_embeddings():
     assert not embeddings[0].any()  # the pad row
     assert all(torch.equal(p, plain[n]) for n, p in scaled.items() if n != name)
     assert torch.equal(build_model(100, seed=3, embed_std=1.0).get_input_embeddings().weight, embeddings)
+
+
+def test_llm_init_std_redraws_every_llm_matrix_and_nothing_else():
+    """``llm_init_std`` redraws the LLM's Linears, word embeddings and LM head at that scale (pad row zero);
+    norms, projector and vision tower keep what ``seed`` gives them, and the draw is seeded."""
+    plain = dict(build_model(100, seed=3).named_parameters())
+    redrawn = dict(build_model(100, seed=3, llm_init_std=0.07).named_parameters())
+    matrices = [n for n, p in plain.items() if n == "lm_head.weight" or (n.startswith("model.language_model.")
+                                                                       and p.dim() == 2)]
+    assert len(matrices) == 1 + 4 * 7 + 1  # embeddings, 7 Linears per layer, LM head
+    for name, weight in redrawn.items():
+        if name in matrices:
+            rows = weight[1:] if name.endswith("embed_tokens.weight") else weight
+            assert abs(rows.std().item() - 0.07) < 0.005, name
+        else:
+            assert torch.equal(weight, plain[name]), name
+    assert not redrawn["model.language_model.embed_tokens.weight"][0].any()
+    again = dict(build_model(100, seed=3, llm_init_std=0.07).named_parameters())
+    assert all(torch.equal(again[n], redrawn[n]) for n in matrices)
+

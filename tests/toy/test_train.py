@@ -182,3 +182,14 @@ def test_bad_embed_std_is_refused_naming_the_flag(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--out", "unused", *argv])
         assert "--embed-std" in capsys.readouterr().err
+
+
+def test_bad_llm_init_std_is_refused_naming_the_flag(capsys):
+    import pytest
+
+    for argv in (["--llm-init-std", "0"], ["--llm-init-std", "-0.1"], ["--llm-init-std", "0.07", "--init-from", "toy"],
+                 ["--llm-init-std", "0.07", "--embed-std", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "unused", *argv])
+        assert "--llm-init-std" in capsys.readouterr().err
+

@@ -1,0 +1,54 @@
+"""benchmarks/toy_llm_symbolic.py: the ideal scene tokens say exactly what the scene holds, the loss sees
+only the answer, and a run is a pure function of its seed."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from qapframe.data.synthetic import COLOURS, POSITIONS, SHAPES, QUESTION_TYPES, make_record
+from qapframe.toy.model import EOS_ID, build_config, build_tokenizer
+
+_SPEC = importlib.util.spec_from_file_location(
+    "toy_llm_symbolic", Path(__file__).resolve().parents[2] / "benchmarks" / "toy_llm_symbolic.py"
+)
+symbolic = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(symbolic)
+
+
+def test_scene_tokens_are_place_plus_colour_plus_shape_of_each_cell():
+    scene = symbolic.SymbolicScene(8)
+    record = make_record(0, "test", 3)
+    tokens = scene(record)
+    occupied = {POSITIONS.index(p): (c, s) for c, s, p in record.meta["objects"]}
+    for cell in range(len(POSITIONS)):
+        colour, shape = occupied.get(cell, (None, None))
+        expected = scene.place.weight[cell] + scene.colour.weight[0 if colour is None else 1 + list(COLOURS).index(colour)] \
+            + scene.shape.weight[0 if shape is None else 1 + SHAPES.index(shape)]
+        torch.testing.assert_close(tokens[cell], expected, rtol=0, atol=0)
+    assert len(occupied) == len(record.meta["objects"]) and sum(1 for c in range(9) if c not in occupied) >= 4
+
+
+def test_labels_are_the_answer_tokens_and_eos_after_the_scene_in_the_image_slot():
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    llm = LlamaForCausalLM(build_config(len(tokenizer)).text_config).eval()
+    scene = symbolic.SymbolicScene(llm.config.hidden_size)
+    records = [make_record(0, "test", i) for i in range(6)]
+    with torch.no_grad():
+        logits, labels = symbolic.batch_logits(llm, scene, tokenizer, records)
+    assert logits.shape[:2] == labels.shape
+    for record, row in zip(records, labels):
+        answer = row[row != -100].tolist()
+        assert answer[-1] == EOS_ID and tokenizer.decode(answer[:-1]).strip() == record.answer.lower()
+
+
+def test_training_run_is_seeded_and_reports_every_question_type():
+    first = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=30)
+    second = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=30)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in first] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in second]
+    (row,) = first
+    assert row["step"] == 2 and row["init_std"] == 0.072 and set(QUESTION_TYPES) <= set(row)
+    assert 0 <= row["all"] <= 1
