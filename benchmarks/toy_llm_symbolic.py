@@ -100,14 +100,23 @@ def accuracy_by_type(llm, scene, tokenizer, records) -> dict[str, float]:
 
 @torch.enable_grad()
 def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int, seed: int = 0,
-                   on_eval=None) -> list[dict]:
-    """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation."""
+                   on_eval=None, lr: float = 1.5e-3, heads: int | None = None) -> list[dict]:
+    """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation.
+
+    ``lr`` and ``heads`` (attention heads at the same width; None: the toy's) are the two knobs varied.
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    llm = LlamaForCausalLM(build_config(len(tokenizer)).text_config)
+    config = build_config(len(tokenizer)).text_config
+    if heads is not None:
+        if config.hidden_size % heads:
+            raise ValueError(f"--heads: must divide the LLM width {config.hidden_size}, got {heads}")
+        config.num_attention_heads = config.num_key_value_heads = heads
+        config.head_dim = config.hidden_size // heads
+    llm = LlamaForCausalLM(config)
     redraw_llm_weights(llm.model, llm.lm_head, init_std, seed)
     scene = SymbolicScene(llm.config.hidden_size)
-    defaults = SimpleNamespace(lr=1.5e-3, warmup=100, steps=steps, batch_size=48, weight_decay=0.05)  # the toy's
+    defaults = SimpleNamespace(lr=lr, warmup=100, steps=steps, batch_size=48, weight_decay=0.05)  # the toy's
     params = [*llm.parameters(), *scene.parameters()]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": defaults.weight_decay},
@@ -127,7 +136,7 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         optimizer.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            rows.append({"init_std": init_std, "step": step + 1, "loss": round(running, 4),
+            rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads, "step": step + 1, "loss": round(running, 4),
                          "seconds": round(time.time() - start, 1),
                          **accuracy_by_type(llm, scene, tokenizer, test)})
             if on_eval is not None:
@@ -148,6 +157,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--init-std", type=float, nargs="+", default=[0.02, 0.072],
                         help="initial standard deviation of the LLM's weight matrices, one run each")
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (the toy's 1.5e-3)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads at the same width (the toy's 4)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test", type=int, default=400, help="test-split questions per evaluation")
     parser.add_argument("--threads", type=int, default=2)
@@ -155,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
-    columns = ["init_std", "step", "loss", "all", *QUESTION_TYPES]
+    columns = ["init_std", "lr", "heads", "step", "loss", "all", *QUESTION_TYPES]
     print(" ".join(f"{c:>10}" for c in columns))
 
     def report(row: dict) -> None:
@@ -165,7 +176,7 @@ def main() -> None:
             write_json_atomically(Path(args.out), {"config": vars(args), "rows": rows})
 
     for std in args.init_std:
-        train_symbolic(std, args.steps, args.eval_every, args.test, on_eval=report)
+        train_symbolic(std, args.steps, args.eval_every, args.test, on_eval=report, lr=args.lr, heads=args.heads)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,12 @@ def test_training_run_is_seeded_and_reports_every_question_type():
     (row,) = first
     assert row["step"] == 2 and row["init_std"] == 0.072 and set(QUESTION_TYPES) <= set(row)
     assert 0 <= row["all"] <= 1
+
+
+def test_heads_and_learning_rate_are_applied_and_a_bad_head_count_is_refused():
+    import pytest
+
+    (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, lr=3e-3, heads=12)
+    assert row["heads"] == 12 and row["lr"] == 3e-3
+    with pytest.raises(ValueError, match="--heads: must divide the LLM width 192"):
+        symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, heads=5)
