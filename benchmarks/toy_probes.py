@@ -14,14 +14,12 @@ training label's share of the test labels, so a probe near its prior finds nothi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qapframe.data.synthetic import COLOURS, SHAPES, make_record
+from qapframe.eval.results import write_json_atomically
 from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import vision_tokens
 from qapframe.toy.vision_pretrain import cell_labels, patch_cells, scene_counts
@@ -87,14 +85,6 @@ def run_probes(model, processor, n_train: int, n_test: int, seed: int = 0) -> li
         add(f"one token -> number of {what}", tokens_train, train[key][:, i].repeat_interleave(n),
             tokens_test, test[key][:, i].repeat_interleave(n))
     return rows
-
-
-def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(f.name, path)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,6 +39,16 @@ def configuration_id(spec: PipelineSpec) -> str:
 def run_key(spec: PipelineSpec, seed: int) -> str:
     """The resume key of one (configuration, seed) run."""
     return _digest({"configuration": configuration_dict(spec), "seed": seed})
+
+
+def write_json_atomically(path: str | Path, payload: Any) -> None:
+    """Replace ``path`` with ``payload`` as indented JSON; a reader or a crash never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(f.name, path)
 
 
 class ResultsFile:
@@ -101,4 +112,4 @@ class ResultsFile:
         return {key for key, record in self.latest().items() if record.get("status") == "ok"}
 
 
-__all__ = ["RESULTS_FILE", "ResultsFile", "configuration_dict", "configuration_id", "run_key"]
+__all__ = ["RESULTS_FILE", "ResultsFile", "configuration_dict", "configuration_id", "run_key", "write_json_atomically"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qapframe.eval.results import ResultsFile, configuration_id, run_key
+from qapframe.eval.results import ResultsFile, configuration_id, run_key, write_json_atomically
 from qapframe.spec import load_spec
 
 
@@ -37,3 +37,11 @@ def test_a_torn_last_line_is_skipped_and_sealed(tmp_path):
     results.append({"key": "c", "status": "ok"})
     assert [r["key"] for r in results] == ["a", "c"]
     assert path.read_text().endswith('{"key": "c", "status": "ok"}\n')
+
+
+def test_write_json_atomically_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "new" / "rows.json"  # the folder does not exist yet
+    write_json_atomically(path, {"rows": [1]})
+    write_json_atomically(path, {"rows": [1, 2]})
+    assert json.loads(path.read_text()) == {"rows": [1, 2]} and path.read_text().endswith("\n")
+    assert [p.name for p in path.parent.iterdir()] == ["rows.json"]
