@@ -78,16 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init_from not in (None, "toy") and not (Path(args.init_from) / "model.safetensors").is_file():
         p.error(f"--init-from: {args.init_from} holds no saved model (model.safetensors); give a --out directory "
                 "of this script or 'toy'")
-    if args.embed_std is not None and not args.embed_std > 0:
-        p.error(f"--embed-std: must be a number > 0 (or left out for LLaMA's 0.02), got {args.embed_std}")
-    if args.llm_init_std is not None and not args.llm_init_std > 0:
-        p.error(f"--llm-init-std: must be a number > 0 (or left out for LLaMA's 0.02), got {args.llm_init_std}")
+    for flag, std in (("--embed-std", args.embed_std), ("--llm-init-std", args.llm_init_std)):
+        if std is not None and not std > 0:
+            p.error(f"{flag}: must be a number > 0 (or left out for LLaMA's 0.02), got {std}")
+        if std is not None and args.init_from is not None:
+            p.error(f"{flag}: only a fresh model is initialised; --init-from continues a trained one")
     if args.llm_init_std is not None and args.embed_std is not None:
         p.error("--llm-init-std: redraws the word embeddings too; give it or --embed-std, not both")
-    if args.llm_init_std is not None and args.init_from is not None:
-        p.error("--llm-init-std: only a fresh model is initialised; --init-from continues a trained one")
-    if args.embed_std is not None and args.init_from is not None:
-        p.error("--embed-std: only a fresh model is initialised; --init-from continues a trained one")
     try:
         question_type_weights(args.question_weights)
     except ValueError as error:

@@ -4,6 +4,7 @@ only the answer, and a run is a pure function of its seed."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from qapframe.data.synthetic import COLOURS, POSITIONS, SHAPES, QUESTION_TYPES, make_record
@@ -55,8 +56,6 @@ def test_training_run_is_seeded_and_reports_every_question_type():
 
 
 def test_heads_and_learning_rate_are_applied_and_a_bad_head_count_is_refused():
-    import pytest
-
     (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, lr=3e-3, heads=12)
     assert row["heads"] == 12 and row["lr"] == 3e-3
     with pytest.raises(ValueError, match="--heads: must divide the LLM width 192"):

@@ -90,4 +90,3 @@ def test_llm_init_std_redraws_every_llm_matrix_and_nothing_else():
     assert not redrawn["model.language_model.embed_tokens.weight"][0].any()
     again = dict(build_model(100, seed=3, llm_init_std=0.07).named_parameters())
     assert all(torch.equal(again[n], redrawn[n]) for n in matrices)
-

@@ -192,4 +192,3 @@ def test_bad_llm_init_std_is_refused_naming_the_flag(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--out", "unused", *argv])
         assert "--llm-init-std" in capsys.readouterr().err
-
