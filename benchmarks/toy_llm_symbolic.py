@@ -24,26 +24,37 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qapframe.data.base import VQARecord
-from qapframe.data.prompts import build_prompt
-from qapframe.data.synthetic import COLOURS, POSITIONS, QUESTION_TYPES, SHAPES, make_record
+from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
+from qapframe.data.synthetic import COLOURS, MAX_OBJECTS, POSITIONS, QUESTION_TYPES, SHAPES, make_record
 from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
 from qapframe.toy.model import EOS_ID, build_config, build_tokenizer, redraw_llm_weights
 from qapframe.toy.train import lr_at
+from qapframe.toy.vision_pretrain import cell_shared_counts
 
 EMPTY = 0
 
 
 class SymbolicScene(torch.nn.Module):
-    """One token per grid cell: embedding of its place + its object's colour + its object's shape (0: empty)."""
+    """One token per grid cell: embedding of its place + its object's colour + its object's shape (0: empty).
 
-    def __init__(self, width: int, std: float = 1.0):
+    ``shared_counts``: each token also adds embeddings of how many objects share its colour and its shape
+    (`cell_shared_counts`, the toy's ``--vision-shared-counts`` target), so a count is a lookup.
+    """
+
+    def __init__(self, width: int, std: float = 1.0, shared_counts: bool = False):
         super().__init__()
         self.place = torch.nn.Embedding(len(POSITIONS), width)
         self.colour = torch.nn.Embedding(1 + len(COLOURS), width)
         self.shape = torch.nn.Embedding(1 + len(SHAPES), width)
         for table in (self.place, self.colour, self.shape):
             torch.nn.init.normal_(table.weight, std=std)  # summed: RMS ~1.7, near the toy's vision tokens (~3)
+        self.shared_counts = shared_counts
+        if shared_counts:  # built only when used, so plain runs draw the same random numbers as before
+            self.same_colour = torch.nn.Embedding(MAX_OBJECTS + 1, width)
+            self.same_shape = torch.nn.Embedding(MAX_OBJECTS + 1, width)
+            for table in (self.same_colour, self.same_shape):
+                torch.nn.init.normal_(table.weight, std=std)
 
     @staticmethod
     def labels(record: VQARecord) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,15 +68,29 @@ class SymbolicScene(torch.nn.Module):
 
     def forward(self, record: VQARecord) -> torch.Tensor:
         colour, shape = self.labels(record)
-        return self.place.weight + self.colour(colour) + self.shape(shape)  # [9, D]
+        tokens = self.place.weight + self.colour(colour) + self.shape(shape)  # [9, D]
+        if self.shared_counts:
+            same_colour, same_shape = cell_shared_counts([record])
+            tokens = tokens + self.same_colour(same_colour[0]) + self.same_shape(same_shape[0])
+        return tokens
 
 
-def batch_logits(llm, scene: SymbolicScene, tokenizer, records) -> tuple[torch.Tensor, torch.Tensor]:
+def scene_prompt(record: VQARecord, question_first: bool = False) -> str:
+    """The toy's prompt; ``question_first`` moves the image after the question (``USER: q\n<image>\nASSISTANT:``),
+    so that under causal attention every scene token can read what is asked."""
+    prompt = build_prompt(record)
+    if not question_first:
+        return prompt
+    return prompt.replace(f"{IMAGE_PLACEHOLDER}\n", "").replace("\nASSISTANT:", f"\n{IMAGE_PLACEHOLDER}\nASSISTANT:")
+
+
+def batch_logits(llm, scene: SymbolicScene, tokenizer, records,
+                 question_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits [B, L-1, V], labels [B, L-1])``: position t predicts token t + 1; labels -100 off the answer."""
     embed = llm.get_input_embeddings()
     rows, labels = [], []
     for record in records:
-        before, after = split_at_image(tokenizer, build_prompt(record))
+        before, after = split_at_image(tokenizer, scene_prompt(record, question_first))
         target = tokenizer(" " + record.answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
         tokens = scene(record)
         rows.append(torch.cat([embed(torch.tensor(before)), tokens, embed(torch.tensor(after + target))]))
@@ -80,13 +105,13 @@ def batch_logits(llm, scene: SymbolicScene, tokenizer, records) -> tuple[torch.T
 
 
 @torch.no_grad()
-def accuracy_by_type(llm, scene, tokenizer, records) -> dict[str, float]:
+def accuracy_by_type(llm, scene, tokenizer, records, question_first: bool = False) -> dict[str, float]:
     """Teacher-forced exact-answer accuracy: overall ("all") and per question type."""
     llm.eval()
     right: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
     for start in range(0, len(records), 100):
         batch = records[start : start + 100]
-        logits, y = batch_logits(llm, scene, tokenizer, batch)
+        logits, y = batch_logits(llm, scene, tokenizer, batch, question_first)
         correct = ((logits.argmax(-1) == y) | (y == -100)).all(dim=1)
         for record, ok in zip(batch, correct.tolist()):
             right[record.meta["type"]].append(ok)
@@ -98,10 +123,12 @@ def accuracy_by_type(llm, scene, tokenizer, records) -> dict[str, float]:
 
 @torch.enable_grad()
 def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int, seed: int = 0,
-                   on_eval=None, lr: float = 1.5e-3, heads: int | None = None) -> list[dict]:
+                   on_eval=None, lr: float = 1.5e-3, heads: int | None = None, question_first: bool = False,
+                   shared_counts: bool = False) -> list[dict]:
     """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation.
 
-    ``lr`` and ``heads`` (attention heads at the same width; None: the toy's) are the two knobs varied.
+    ``lr``, ``heads`` (attention heads at the same width; None: the toy's), ``question_first`` (the prompt
+    layout, `scene_prompt`) and ``shared_counts`` (`SymbolicScene`) are the knobs varied.
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -113,7 +140,7 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         config.head_dim = config.hidden_size // heads
     llm = LlamaForCausalLM(config)
     redraw_llm_weights(llm.model, llm.lm_head, init_std, seed)
-    scene = SymbolicScene(llm.config.hidden_size)
+    scene = SymbolicScene(llm.config.hidden_size, shared_counts=shared_counts)
     defaults = SimpleNamespace(lr=lr, warmup=100, steps=steps, batch_size=48, weight_decay=0.05)  # the toy's
     params = [*llm.parameters(), *scene.parameters()]
     optimizer = torch.optim.AdamW(
@@ -126,7 +153,8 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, defaults)
-        logits, y = batch_logits(llm, scene, tokenizer, list(itertools.islice(stream, defaults.batch_size)))
+        batch = list(itertools.islice(stream, defaults.batch_size))
+        logits, y = batch_logits(llm, scene, tokenizer, batch, question_first)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,9 +162,11 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         optimizer.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads, "step": step + 1, "loss": round(running, 4),
+            rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads,
+                         "question_first": question_first, "shared_counts": shared_counts,
+                         "step": step + 1, "loss": round(running, 4),
                          "seconds": round(time.time() - start, 1),
-                         **accuracy_by_type(llm, scene, tokenizer, test)})
+                         **accuracy_by_type(llm, scene, tokenizer, test, question_first)})
             if on_eval is not None:
                 on_eval(rows[-1])
     return rows
@@ -149,6 +179,10 @@ def main() -> None:
                         help="initial standard deviation of the LLM's weight matrices, one run each")
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (the toy's 1.5e-3)")
     parser.add_argument("--heads", type=int, default=None, help="attention heads at the same width (the toy's 4)")
+    parser.add_argument("--question-first", action="store_true",
+                        help="the question before the scene tokens (USER: question <image> ASSISTANT:)")
+    parser.add_argument("--shared-counts", action="store_true",
+                        help="scene tokens also carry how many objects share their colour and their shape")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test", type=int, default=400, help="test-split questions per evaluation")
     parser.add_argument("--threads", type=int, default=2)
@@ -166,7 +200,8 @@ def main() -> None:
             write_json_atomically(Path(args.out), {"config": vars(args), "rows": rows})
 
     for std in args.init_std:
-        train_symbolic(std, args.steps, args.eval_every, args.test, on_eval=report, lr=args.lr, heads=args.heads)
+        train_symbolic(std, args.steps, args.eval_every, args.test, on_eval=report, lr=args.lr, heads=args.heads,
+                       question_first=args.question_first, shared_counts=args.shared_counts)
 
 
 if __name__ == "__main__":

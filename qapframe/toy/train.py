@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stage 0: every patch alone must also name its cell's colour and shape")
     p.add_argument("--vision-scene-counts", action=argparse.BooleanOptionalAction, default=False,
                    help="stage 0: every patch must also give the scene's object count per colour and per shape")
+    p.add_argument("--vision-shared-counts", action=argparse.BooleanOptionalAction, default=False,
+                   help="stage 0: every patch must also give how many objects share its cell's colour and its shape")
     p.add_argument("--vision-batch-size", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=2000)
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.vision_steps:
         vision_stats = pretrain_vision(model, processor, args.vision_steps, args.vision_batch_size, args.vision_lr,
                                        args.data_seed, patch_labels=args.vision_patch_labels,
-                                       patch_scene_counts=args.vision_scene_counts)
+                                       patch_scene_counts=args.vision_scene_counts,
+                                       patch_shared_counts=args.vision_shared_counts)
         model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA's training
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]

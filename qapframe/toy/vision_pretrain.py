@@ -6,7 +6,9 @@ pretraining: a temporary linear head reads the mean of the patch features (from 
 the projector) over each 3x3 grid cell and predicts that cell's colour and shape (or "empty"), and a
 second one predicts from each patch feature alone which cell the patch lies in, so that a token keeps
 its place in its content as real CLIP features do (pooling by cell needs no position in the features).
-It is cheap (vision tower only, no LLM); the heads are discarded, only the tower's weights carry over.
+Optional per-patch targets (`pretrain_vision`'s options, training experiments in the README) ask more of
+each token alone. It is cheap (vision tower only, no LLM); the heads are discarded, only the tower's
+weights carry over.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def scene_counts(records) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def cell_shared_counts(records) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(same_colour [B, 9], same_shape [B, 9])``: objects in the scene sharing the cell's colour / shape (0: empty)."""
+    same_colour = torch.zeros((len(records), len(POSITIONS)), dtype=torch.long)
+    same_shape = torch.zeros_like(same_colour)
+    for i, record in enumerate(records):
+        objects = record.meta["objects"]
+        for c, s, position in objects:
+            cell = POSITIONS.index(position)
+            same_colour[i, cell] = sum(o[0] == c for o in objects)
+            same_shape[i, cell] = sum(o[1] == s for o in objects)
+    return same_colour, same_shape
+
+
 def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """Patch features ``[B, N, D]`` of the layer LLaVA projects (``vision_feature_layer``), CLS dropped."""
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
@@ -67,7 +82,8 @@ def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.enable_grad()  # training, whatever grad mode the caller left on
 def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, data_seed: int,
-                    log_every: int = 50, patch_labels: bool = False, patch_scene_counts: bool = False) -> dict[str, float]:
+                    log_every: int = 50, patch_labels: bool = False, patch_scene_counts: bool = False,
+                    patch_shared_counts: bool = False) -> dict[str, float]:
     """Train ``model``'s vision tower in place; returns the last batch's cell accuracies and the time taken.
 
     ``patch_labels``: the same colour/shape head must also read every patch alone, so that one token names
@@ -75,6 +91,9 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
     ``patch_scene_counts``: every patch must also say how many objects of each colour and each shape the
     whole scene holds, standing in for the image-level information real CLIP patch tokens also carry (a
     count then reads off any one token instead of an attention-weighted sum of patch masses).
+    ``patch_shared_counts``: every patch must also say how many objects share its cell's colour and how many
+    its cell's shape, so that "how many red objects" is a lookup (attend to a red token, read its count), the
+    kind of question the toy's LLM learns, instead of a question-gated read of nine counts.
     """
     tower = model.model.vision_tower
     width = model.config.vision_config.hidden_size
@@ -86,6 +105,9 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
     if patch_scene_counts:  # built only when used, so runs without it draw the same random numbers as before
         count_head = torch.nn.Linear(width, n_counts * n_values)
         params += count_head.parameters()
+    if patch_shared_counts:
+        shared_head = torch.nn.Linear(width, 2 * n_values)
+        params += shared_head.parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     cells = patch_cells()
     pool = cell_pooling(cells)
@@ -116,6 +138,10 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
             count_logits = count_head(features).reshape(len(records), -1, n_counts, n_values)  # [B, N, C + S, V]
             counts = scene_counts(records)[:, None].expand(-1, count_logits.shape[1], -1)  # [B, N, C + S]
             loss = loss + ce(count_logits.reshape(-1, n_values), counts.reshape(-1))
+        if patch_shared_counts:
+            shared_logits = shared_head(features).reshape(len(records), -1, 2, n_values)  # [B, N, 2, V]
+            shared = torch.stack(cell_shared_counts(records), dim=-1)[:, cells]  # [B, N, 2]: each patch its cell's
+            loss = loss + ce(shared_logits.reshape(-1, n_values), shared.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -132,9 +158,13 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
                     (patch_logits[..., n_colour:].argmax(-1) == patch_shape).float().mean().item(), 4)
             if patch_scene_counts:
                 stats["patch_count_accuracy"] = round((count_logits.argmax(-1) == counts).float().mean().item(), 4)
+            if patch_shared_counts:
+                stats["patch_shared_count_accuracy"] = round(
+                    (shared_logits.argmax(-1) == shared).float().mean().item(), 4)
             print(f"vision step {step + 1:4d}  {stats}  {time.time() - start:5.0f}s", flush=True)
     stats["vision_seconds"] = round(time.time() - start, 1)
     return stats
 
 
-__all__ = ["cell_labels", "cell_pooling", "patch_cells", "patch_features", "pretrain_vision", "scene_counts"]
+__all__ = ["cell_labels", "cell_pooling", "cell_shared_counts", "patch_cells", "patch_features", "pretrain_vision",
+           "scene_counts"]

@@ -60,3 +60,38 @@ def test_heads_and_learning_rate_are_applied_and_a_bad_head_count_is_refused():
     assert row["heads"] == 12 and row["lr"] == 3e-3
     with pytest.raises(ValueError, match="--heads: must divide the LLM width 192"):
         symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, heads=5)
+
+
+def test_question_first_moves_only_the_image_after_the_question():
+    from qapframe.data.prompts import build_prompt
+
+    tokenizer = build_tokenizer()
+    for record in (make_record(0, "test", i) for i in range(10)):
+        moved = symbolic.scene_prompt(record, question_first=True)
+        assert symbolic.scene_prompt(record) == build_prompt(record)
+        assert moved.startswith("USER: " + record.question) and moved.endswith("\n<image>\nASSISTANT:")
+        # the same words, one image placeholder, in another order
+        assert sorted(moved.split()) == sorted(build_prompt(record).split()) and moved.count("<image>") == 1
+        before, after = symbolic.split_at_image(tokenizer, moved)
+        assert tokenizer.decode(after).split() == ["assistant", ":"]  # the tokenizer lower-cases
+    (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, question_first=True)
+    assert row["question_first"] is True
+
+
+def test_shared_count_tokens_add_the_counts_sharing_each_cells_colour_and_shape():
+    from qapframe.toy.vision_pretrain import cell_shared_counts
+
+    torch.manual_seed(0)
+    plain = symbolic.SymbolicScene(8)
+    torch.manual_seed(0)
+    scene = symbolic.SymbolicScene(8, shared_counts=True)
+    torch.testing.assert_close(scene.place.weight, plain.place.weight, rtol=0, atol=0)  # same draws up to there
+    record = make_record(0, "test", 5)
+    same_colour, same_shape = cell_shared_counts([record])
+    tokens = scene(record)
+    for cell in range(len(POSITIONS)):
+        expected = plain(record)[cell] + scene.same_colour.weight[same_colour[0, cell]] \
+            + scene.same_shape.weight[same_shape[0, cell]]
+        torch.testing.assert_close(tokens[cell], expected, rtol=0, atol=0)
+    (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, shared_counts=True)
+    assert row["shared_counts"] is True

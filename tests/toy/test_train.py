@@ -159,7 +159,7 @@ def test_init_from_a_directory_without_a_model_is_refused(tmp_path, capsys):
 
 
 def test_fresh_run_with_scaled_embeddings_and_scene_counts(tmp_path):
-    """The new stage-0 target and the embedding scale reach the saved model and its summary."""
+    """The stage-0 count targets and the embedding scale reach the saved model and its summary."""
     import json
 
     from safetensors.torch import load_file
@@ -167,12 +167,13 @@ def test_fresh_run_with_scaled_embeddings_and_scene_counts(tmp_path):
     from qapframe.toy.train import main
 
     out = tmp_path / "run"
-    main(["--out", str(out), "--embed-std", "1.0", "--vision-scene-counts", "--vision-steps", "1",
+    main(["--out", str(out), "--embed-std", "1.0", "--vision-scene-counts", "--vision-shared-counts", "--vision-steps", "1",
           "--vision-batch-size", "2", "--steps", "0", "--eval-every", "0", "--final-eval-size", "2"])
     embeddings = load_file(out / "model.safetensors")["language_model.model.embed_tokens.weight"]  # saved layout
     assert abs(embeddings[1:].std().item() - 1.0) < 0.05
     summary = json.loads((out / "training_summary.json").read_text())
     assert 0.0 <= summary["patch_count_accuracy"] <= 1.0 and summary["args"]["embed_std"] == 1.0
+    assert 0.0 <= summary["patch_shared_count_accuracy"] <= 1.0 and summary["args"]["vision_shared_counts"]
 
 
 def test_bad_embed_std_is_refused_naming_the_flag(capsys):

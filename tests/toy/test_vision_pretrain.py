@@ -6,6 +6,7 @@ from qapframe.data.synthetic import COLOURS, IMAGE_SIZE, MAX_OBJECTS, POSITIONS,
 from qapframe.toy.model import NUM_VISION_TOKENS, PATCH_SIZE, build_model, build_processor
 from qapframe.toy.vision_pretrain import (
     RECORD_OFFSET, cell_labels, cell_pooling, patch_cells, patch_features, pretrain_vision, scene_counts,
+    cell_shared_counts,
 )
 
 
@@ -114,6 +115,28 @@ def test_scene_counts_teach_every_patch_the_whole_scenes_counts():
     assert stats["patch_count_accuracy"] > majority
 
 
+def test_shared_counts_are_the_objects_sharing_each_occupied_cells_colour_and_shape():
+    records = [make_record(0, "train", i) for i in range(30)]
+    same_colour, same_shape = cell_shared_counts(records)
+    colour, shape = cell_labels(records)
+    for i in range(len(records)):
+        for cell in range(len(POSITIONS)):
+            if colour[i, cell] == 0:  # empty: nothing shares it
+                assert same_colour[i, cell] == same_shape[i, cell] == 0
+            else:  # counted from the label grid, an independent route to the same numbers
+                assert same_colour[i, cell] == (colour[i] == colour[i, cell]).sum()
+                assert same_shape[i, cell] == (shape[i] == shape[i, cell]).sum()
+
+
+def test_shared_counts_teach_every_patch_its_cells_shared_counts():
+    """After 60 small steps a patch's answers beat the most common value (0: most patches lie in empty cells)."""
+    stats, changed, last_batch = _pretrain(60, patch_shared_counts=True)
+    assert changed and all(name.startswith("model.vision_tower.") for name in changed)
+    shared = torch.stack(cell_shared_counts(last_batch), dim=-1)[:, patch_cells()]
+    majority = max((shared == value).float().mean().item() for value in range(MAX_OBJECTS + 1))
+    assert stats["patch_shared_count_accuracy"] > majority
+
+
 def test_the_count_head_draws_random_numbers_only_when_used():
     """Runs without scene counts (the shipped recipe) draw exactly what they drew before the option existed."""
     processor = build_processor()
@@ -127,3 +150,4 @@ def test_the_count_head_draws_random_numbers_only_when_used():
     plain = random_stream_after()
     assert torch.equal(plain, random_stream_after(patch_labels=True))  # no head of its own
     assert not torch.equal(plain, random_stream_after(patch_scene_counts=True))  # its head's initial weights
+    assert not torch.equal(plain, random_stream_after(patch_shared_counts=True))
