@@ -62,7 +62,7 @@ def scene_counts(records) -> torch.Tensor:
 
 
 def cell_shared_counts(records) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(same_colour [B, 9], same_shape [B, 9])``: objects in the scene sharing the cell's colour / shape (0: empty)."""
+    """``(same_colour [B, 9], same_shape [B, 9])``: how many objects share the cell's colour / shape (0: empty)."""
     same_colour = torch.zeros((len(records), len(POSITIONS)), dtype=torch.long)
     same_shape = torch.zeros_like(same_colour)
     for i, record in enumerate(records):

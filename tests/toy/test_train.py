@@ -167,8 +167,8 @@ def test_fresh_run_with_scaled_embeddings_and_scene_counts(tmp_path):
     from qapframe.toy.train import main
 
     out = tmp_path / "run"
-    main(["--out", str(out), "--embed-std", "1.0", "--vision-scene-counts", "--vision-shared-counts", "--vision-steps", "1",
-          "--vision-batch-size", "2", "--steps", "0", "--eval-every", "0", "--final-eval-size", "2"])
+    main(["--out", str(out), "--embed-std", "1.0", "--vision-scene-counts", "--vision-shared-counts",
+          "--vision-steps", "1", "--vision-batch-size", "2", "--steps", "0", "--eval-every", "0", "--final-eval-size", "2"])
     embeddings = load_file(out / "model.safetensors")["language_model.model.embed_tokens.weight"]  # saved layout
     assert abs(embeddings[1:].std().item() - 1.0) < 0.05
     summary = json.loads((out / "training_summary.json").read_text())
