@@ -25,7 +25,7 @@ from transformers import LlamaForCausalLM
 
 from qapframe.data.base import VQARecord
 from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
-from qapframe.data.synthetic import COLOURS, MAX_OBJECTS, POSITIONS, QUESTION_TYPES, SHAPES, make_record
+from qapframe.data.synthetic import COLOURS, MAX_OBJECTS, MIN_OBJECTS, POSITIONS, QUESTION_TYPES, SHAPES, make_record
 from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
 from qapframe.toy.model import EOS_ID, build_config, build_tokenizer, redraw_llm_weights
@@ -124,11 +124,14 @@ def accuracy_by_type(llm, scene, tokenizer, records, question_first: bool = Fals
 @torch.enable_grad()
 def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int, seed: int = 0,
                    on_eval=None, lr: float = 1.5e-3, heads: int | None = None, question_first: bool = False,
-                   shared_counts: bool = False) -> list[dict]:
+                   shared_counts: bool = False, min_objects: int = MIN_OBJECTS,
+                   easy_until: int | None = None) -> list[dict]:
     """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation.
 
     ``lr``, ``heads`` (attention heads at the same width; None: the toy's), ``question_first`` (the prompt
-    layout, `scene_prompt`) and ``shared_counts`` (`SymbolicScene`) are the knobs varied.
+    layout, `scene_prompt`) and ``shared_counts`` (`SymbolicScene`) are the knobs varied; ``min_objects``
+    draws training scenes from that many objects up (a curriculum of easier scenes) until step ``easy_until``
+    (None: the whole run), then the benchmark's own; test scenes are always the benchmark's.
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -148,7 +151,8 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=defaults.lr, betas=(0.9, 0.98))
     test = [make_record(0, "test", i) for i in range(test_size)]
-    stream = (make_record(0, "train", i) for i in itertools.count())
+    easy_records = easy_until * defaults.batch_size if easy_until is not None else float("inf")
+    stream = (make_record(0, "train", i, min_objects if i < easy_records else MIN_OBJECTS) for i in itertools.count())
     rows, start, running = [], time.time(), None
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -164,6 +168,7 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads,
                          "question_first": question_first, "shared_counts": shared_counts,
+                         "min_objects": min_objects, "easy_until": easy_until,
                          "step": step + 1, "loss": round(running, 4),
                          "seconds": round(time.time() - start, 1),
                          **accuracy_by_type(llm, scene, tokenizer, test, question_first)})
@@ -183,6 +188,10 @@ def main() -> None:
                         help="the question before the scene tokens (USER: question <image> ASSISTANT:)")
     parser.add_argument("--shared-counts", action="store_true",
                         help="scene tokens also carry how many objects share their colour and their shape")
+    parser.add_argument("--min-objects", type=int, default=MIN_OBJECTS,
+                        help="training scenes hold this many objects or more (a curriculum; test scenes: 3-5)")
+    parser.add_argument("--easy-until", type=int, default=None,
+                        help="step at which training scenes return to the benchmark's 3-5 objects (default: never)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test", type=int, default=400, help="test-split questions per evaluation")
     parser.add_argument("--threads", type=int, default=2)
@@ -201,7 +210,8 @@ def main() -> None:
 
     for std in args.init_std:
         train_symbolic(std, args.steps, args.eval_every, args.test, on_eval=report, lr=args.lr, heads=args.heads,
-                       question_first=args.question_first, shared_counts=args.shared_counts)
+                       question_first=args.question_first, shared_counts=args.shared_counts,
+                       min_objects=args.min_objects, easy_until=args.easy_until)
 
 
 if __name__ == "__main__":

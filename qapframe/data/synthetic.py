@@ -47,9 +47,9 @@ class SceneObject:
     cell: int  # index into POSITIONS
 
 
-def random_scene(rng: random.Random) -> list[SceneObject]:
-    """`MIN_OBJECTS`-`MAX_OBJECTS` objects in distinct grid cells."""
-    count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+def random_scene(rng: random.Random, min_objects: int = MIN_OBJECTS) -> list[SceneObject]:
+    """``min_objects``-`MAX_OBJECTS` objects in distinct grid cells."""
+    count = rng.randint(min_objects, MAX_OBJECTS)
     cells = rng.sample(range(len(POSITIONS)), count)
     return [SceneObject(rng.choice(list(COLOURS)), rng.choice(SHAPES), cell) for cell in cells]
 
@@ -153,13 +153,19 @@ def _question_record(rng: random.Random, objects: list[SceneObject], image: Imag
     )
 
 
-def make_record(seed: int, split: str, index: int) -> VQARecord:
-    """The record at ``index`` of ``split``: a pure function of its arguments."""
+def make_record(seed: int, split: str, index: int, min_objects: int = MIN_OBJECTS) -> VQARecord:
+    """The record at ``index`` of ``split``: a pure function of its arguments.
+
+    ``min_objects`` below `MIN_OBJECTS` draws simpler scenes (training curricula); the splits use the default.
+    """
+    if not 1 <= min_objects <= MAX_OBJECTS:
+        raise ValueError(f"min_objects: must be in 1..{MAX_OBJECTS}, got {min_objects}")
     # String seeds hash through SHA-512 in `random.Random`, so nearby triples give unrelated streams.
     rng = random.Random(f"qapframe-synthetic:{seed}:{split}:{index}")
-    objects = random_scene(rng)
+    objects = random_scene(rng, min_objects)
     image = render_scene(objects, rng)
-    return _question_record(rng, objects, image, f"synthetic-{seed}-{split}-{index}")
+    variant = "" if min_objects == MIN_OBJECTS else f"-min{min_objects}"  # ids stay unique across variants
+    return _question_record(rng, objects, image, f"synthetic-{seed}-{split}-{index}{variant}")
 
 
 def follow_up_questions(record: VQARecord, count: int, seed: int) -> list[VQARecord]:

@@ -29,7 +29,9 @@ import torch
 
 from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt, is_correct
 from qapframe.data.base import VQARecord
-from qapframe.data.synthetic import POSITIONS, QUESTION_TYPES, SyntheticVQA, blank_image, follow_up_questions, make_record
+from qapframe.data.synthetic import (
+    MAX_OBJECTS, MIN_OBJECTS, POSITIONS, QUESTION_TYPES, SyntheticVQA, blank_image, follow_up_questions, make_record,
+)
 from qapframe.eval.metrics import RecordOutcome, accuracy_by_type
 from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question-weights", default="",
                    help="relative frequency of question types in training, e.g. 'colour=0.5,shape=0.5' "
                         "(unnamed types weigh 1; empty: the benchmark's own mix)")
+    p.add_argument("--min-objects", type=int, default=MIN_OBJECTS,
+                   help=f"curriculum: training scenes hold this many objects or more (1..{MAX_OBJECTS}; "
+                        f"test scenes: {MIN_OBJECTS}-{MAX_OBJECTS}) until --easy-until")
+    p.add_argument("--easy-until", type=int, default=0,
+                   help="curriculum: the step at which training scenes return to the benchmark's own")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-size", type=int, default=200)
@@ -87,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}: only a fresh model is initialised; --init-from continues a trained one")
     if args.llm_init_std is not None and args.embed_std is not None:
         p.error("--llm-init-std: redraws the word embeddings too; give it or --embed-std, not both")
+    if not 1 <= args.min_objects <= MAX_OBJECTS:
+        p.error(f"--min-objects: must be in 1..{MAX_OBJECTS}, got {args.min_objects}")
+    if args.easy_until < 0:
+        p.error(f"--easy-until: must be a step >= 0, got {args.easy_until}")
     try:
         question_type_weights(args.question_weights)
     except ValueError as error:
@@ -112,16 +123,18 @@ def question_type_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def training_records(data_seed: int, weights: dict[str, float], seed: int) -> Iterator[VQARecord]:
+def training_records(data_seed: int, weights: dict[str, float], seed: int, min_objects: int = MIN_OBJECTS,
+                     easy_records: int = 0) -> Iterator[VQARecord]:
     """Train-split records in index order, each kept with probability (its type's weight / the largest).
 
     Equal weights keep every record, so the stream is the benchmark's own; the acceptance draws use
-    their own generator so that they do not shift token dropping or caption choices.
+    their own generator so that they do not shift token dropping or caption choices. The first
+    ``easy_records`` records draw their scenes from ``min_objects`` objects up (a curriculum).
     """
     top = max(weights.values())
     accept = random.Random(f"qapframe-toy-question-types:{seed}")
     for index in itertools.count():
-        record = make_record(data_seed, "train", index)
+        record = make_record(data_seed, "train", index, min_objects if index < easy_records else MIN_OBJECTS)
         weight = weights[record.meta["type"]]
         if weight == top or accept.random() < weight / top:
             yield record
@@ -227,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         lr=args.lr, betas=(0.9, 0.98),
     )
     running = None
-    stream = training_records(args.data_seed, question_type_weights(args.question_weights), args.seed)
+    stream = training_records(args.data_seed, question_type_weights(args.question_weights), args.seed,
+                              args.min_objects, args.easy_until * args.batch_size)
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)

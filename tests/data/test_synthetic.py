@@ -127,3 +127,18 @@ def test_objects_are_drawn_in_their_cells():
         cell = img[row * 21 : (row + 1) * 21, col * 21 : (col + 1) * 21].reshape(-1, 3)
         assert (cell == COLOURS[obj.colour]).all(axis=1).sum() > 20
     assert len(POSITIONS) == 9
+
+
+def test_min_objects_draws_simpler_scenes_and_the_default_keeps_the_benchmark():
+    from qapframe.data.synthetic import MAX_OBJECTS, MIN_OBJECTS
+
+    for i in range(30):  # the default is the benchmark itself: same id, scene and question
+        plain, default = make_record(0, "train", i), make_record(0, "train", i, min_objects=MIN_OBJECTS)
+        assert (plain.id, plain.question, plain.meta) == (default.id, default.question, default.meta)
+    sizes = collections.Counter(len(make_record(0, "train", i, min_objects=1).meta["objects"]) for i in range(300))
+    assert set(sizes) == set(range(1, MAX_OBJECTS + 1))  # every size from one object up
+    easy = make_record(0, "train", 5, min_objects=1)
+    assert easy.id.endswith("-min1") and easy.id != make_record(0, "train", 5).id  # ids stay unique
+    for bad in (0, MAX_OBJECTS + 1):
+        with pytest.raises(ValueError, match=f"min_objects: must be in 1..{MAX_OBJECTS}, got {bad}"):
+            make_record(0, "train", 0, min_objects=bad)

@@ -95,3 +95,15 @@ def test_shared_count_tokens_add_the_counts_sharing_each_cells_colour_and_shape(
         torch.testing.assert_close(tokens[cell], expected, rtol=0, atol=0)
     (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, shared_counts=True)
     assert row["shared_counts"] is True
+
+
+def test_easy_scene_curriculum_changes_only_the_steps_it_covers():
+    def run(**curriculum):
+        (row,) = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=10, **curriculum)
+        return {k: v for k, v in row.items() if k not in ("seconds", "min_objects", "easy_until")}
+
+    plain = run()
+    assert run(min_objects=1, easy_until=0) == plain  # a curriculum that ends before step 1 is the plain run
+    easy = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=10, min_objects=1)[0]
+    assert easy["min_objects"] == 1 and easy["easy_until"] is None
+    assert easy["loss"] != plain["loss"]  # trained on other (simpler) scenes

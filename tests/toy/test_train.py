@@ -91,6 +91,31 @@ def test_equal_question_weights_keep_the_benchmarks_own_record_stream():
     assert [r.id for r in itertools.islice(stream, 40)] == [make_record(0, "train", i).id for i in range(40)]
 
 
+def test_curriculum_draws_easy_scenes_for_the_first_records_only():
+    import itertools
+
+    from qapframe.toy.train import question_type_weights, training_records
+
+    stream = training_records(0, question_type_weights(""), seed=0, min_objects=1, easy_records=200)
+    records = list(itertools.islice(stream, 240))
+    assert [r.id for r in records[:200]] == [make_record(0, "train", i, min_objects=1).id for i in range(200)]
+    assert [r.id for r in records[200:]] == [make_record(0, "train", i).id for i in range(200, 240)]
+    assert min(len(r.meta["objects"]) for r in records[:200]) == 1
+    assert min(len(r.meta["objects"]) for r in records[200:]) == 3
+
+
+def test_bad_curriculum_flags_are_refused_naming_the_flag(capsys):
+    import pytest
+
+    from qapframe.toy.train import parse_args
+
+    for flags, expected in [(["--min-objects", "0"], "--min-objects: must be in 1..5, got 0"),
+                            (["--easy-until", "-1"], "--easy-until: must be a step >= 0, got -1")]:
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "unused", *flags])
+        assert expected in capsys.readouterr().err
+
+
 def test_question_weights_set_the_training_mix_of_question_types():
     import collections
     import itertools
