@@ -125,13 +125,14 @@ def accuracy_by_type(llm, scene, tokenizer, records, question_first: bool = Fals
 def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int, seed: int = 0,
                    on_eval=None, lr: float = 1.5e-3, heads: int | None = None, question_first: bool = False,
                    shared_counts: bool = False, min_objects: int = MIN_OBJECTS,
-                   easy_until: int | None = None) -> list[dict]:
+                   easy_until: int | None = None, batch_size: int = 48) -> list[dict]:
     """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation.
 
     ``lr``, ``heads`` (attention heads at the same width; None: the toy's), ``question_first`` (the prompt
     layout, `scene_prompt`) and ``shared_counts`` (`SymbolicScene`) are the knobs varied; ``min_objects``
     draws training scenes from that many objects up (a curriculum of easier scenes) until step ``easy_until``
-    (None: the whole run), then the benchmark's own; test scenes are always the benchmark's.
+    (None: the whole run), then the benchmark's own; test scenes are always the benchmark's. ``batch_size``
+    (questions per step; the toy's 48) trades questions per update for updates per second.
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -144,7 +145,9 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     llm = LlamaForCausalLM(config)
     redraw_llm_weights(llm.model, llm.lm_head, init_std, seed)
     scene = SymbolicScene(llm.config.hidden_size, shared_counts=shared_counts)
-    defaults = SimpleNamespace(lr=lr, warmup=100, steps=steps, batch_size=48, weight_decay=0.05)  # the toy's
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
+    defaults = SimpleNamespace(lr=lr, warmup=100, steps=steps, batch_size=batch_size, weight_decay=0.05)
     params = [*llm.parameters(), *scene.parameters()]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": defaults.weight_decay},
@@ -168,7 +171,7 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads,
                          "question_first": question_first, "shared_counts": shared_counts,
-                         "min_objects": min_objects, "easy_until": easy_until,
+                         "min_objects": min_objects, "easy_until": easy_until, "batch_size": batch_size,
                          "step": step + 1, "loss": round(running, 4),
                          "seconds": round(time.time() - start, 1),
                          **accuracy_by_type(llm, scene, tokenizer, test, question_first)})
@@ -192,6 +195,7 @@ def main() -> None:
                         help="training scenes hold this many objects or more (a curriculum; test scenes: 3-5)")
     parser.add_argument("--easy-until", type=int, default=None,
                         help="step at which training scenes return to the benchmark's 3-5 objects (default: never)")
+    parser.add_argument("--batch-size", type=int, default=48, help="questions per step (the toy's 48)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test", type=int, default=400, help="test-split questions per evaluation")
     parser.add_argument("--threads", type=int, default=2)
@@ -211,7 +215,7 @@ def main() -> None:
     for std in args.init_std:
         train_symbolic(std, args.steps, args.eval_every, args.test, on_eval=report, lr=args.lr, heads=args.heads,
                        question_first=args.question_first, shared_counts=args.shared_counts,
-                       min_objects=args.min_objects, easy_until=args.easy_until)
+                       min_objects=args.min_objects, easy_until=args.easy_until, batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,19 @@ def test_easy_scene_curriculum_changes_only_the_steps_it_covers():
     easy = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=10, min_objects=1)[0]
     assert easy["min_objects"] == 1 and easy["easy_until"] is None
     assert easy["loss"] != plain["loss"]  # trained on other (simpler) scenes
+
+
+def test_batch_size_sets_the_questions_each_step_draws(monkeypatch):
+    drawn = []
+    real = symbolic.make_record
+
+    def counting(seed, split, index, *args):
+        if split == "train":
+            drawn.append(index)
+        return real(seed, split, index, *args)
+
+    monkeypatch.setattr(symbolic, "make_record", counting)
+    (row,) = symbolic.train_symbolic(0.072, steps=3, eval_every=3, test_size=10, batch_size=5)
+    assert drawn == list(range(15)) and row["batch_size"] == 5  # 3 steps x 5 questions, in stream order
+    with pytest.raises(ValueError, match="--batch-size: must be >= 1, got 0"):
+        symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, batch_size=0)
