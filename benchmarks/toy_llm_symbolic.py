@@ -29,7 +29,7 @@ from qapframe.data.synthetic import COLOURS, MAX_OBJECTS, MIN_OBJECTS, POSITIONS
 from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
 from qapframe.toy.model import EOS_ID, build_config, build_tokenizer, redraw_llm_weights
-from qapframe.toy.train import lr_at
+from qapframe.toy.train import lr_at, question_type_weights, training_records
 from qapframe.toy.vision_pretrain import cell_shared_counts
 
 EMPTY = 0
@@ -154,8 +154,8 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=defaults.lr, betas=(0.9, 0.98))
     test = [make_record(0, "test", i) for i in range(test_size)]
-    easy_records = easy_until * defaults.batch_size if easy_until is not None else float("inf")
-    stream = (make_record(0, "train", i, min_objects if i < easy_records else MIN_OBJECTS) for i in itertools.count())
+    easy_records = None if easy_until is None else easy_until * defaults.batch_size
+    stream = training_records(0, question_type_weights(""), seed, min_objects, easy_records)  # the toy's stream
     rows, start, running = [], time.time(), None
     for step in range(steps):
         for group in optimizer.param_groups:

@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-objects", type=int, default=MIN_OBJECTS,
                    help=f"curriculum: training scenes hold this many objects or more (1..{MAX_OBJECTS}; "
                         f"test scenes: {MIN_OBJECTS}-{MAX_OBJECTS}) until --easy-until")
-    p.add_argument("--easy-until", type=int, default=0,
-                   help="curriculum: the step at which training scenes return to the benchmark's own")
+    p.add_argument("--easy-until", type=int, default=None,
+                   help="curriculum: the step at which training scenes return to the benchmark's own "
+                        "(default: never, so --min-objects alone holds for the whole run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-size", type=int, default=200)
@@ -96,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--llm-init-std: redraws the word embeddings too; give it or --embed-std, not both")
     if not 1 <= args.min_objects <= MAX_OBJECTS:
         p.error(f"--min-objects: must be in 1..{MAX_OBJECTS}, got {args.min_objects}")
-    if args.easy_until < 0:
+    if args.easy_until is not None and args.easy_until < 0:
         p.error(f"--easy-until: must be a step >= 0, got {args.easy_until}")
     try:
         question_type_weights(args.question_weights)
@@ -124,19 +125,23 @@ def question_type_weights(text: str) -> dict[str, float]:
 
 
 def training_records(data_seed: int, weights: dict[str, float], seed: int, min_objects: int = MIN_OBJECTS,
-                     easy_records: int = 0) -> Iterator[VQARecord]:
+                     easy_records: int | None = None) -> Iterator[VQARecord]:
     """Train-split records in index order, each kept with probability (its type's weight / the largest).
 
     Equal weights keep every record, so the stream is the benchmark's own; the acceptance draws use
     their own generator so that they do not shift token dropping or caption choices. The first
-    ``easy_records`` records draw their scenes from ``min_objects`` objects up (a curriculum).
+    ``easy_records`` records yielded (None: all) draw their scenes from ``min_objects`` objects up (a
+    curriculum); counting yielded records, not indices, ends it at the same step whatever the weights.
     """
     top = max(weights.values())
     accept = random.Random(f"qapframe-toy-question-types:{seed}")
+    yielded = 0
     for index in itertools.count():
-        record = make_record(data_seed, "train", index, min_objects if index < easy_records else MIN_OBJECTS)
+        easy = easy_records is None or yielded < easy_records
+        record = make_record(data_seed, "train", index, min_objects if easy else MIN_OBJECTS)
         weight = weights[record.meta["type"]]
         if weight == top or accept.random() < weight / top:
+            yielded += 1
             yield record
 
 
@@ -240,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
         lr=args.lr, betas=(0.9, 0.98),
     )
     running = None
+    easy_records = None if args.easy_until is None else args.easy_until * args.batch_size
     stream = training_records(args.data_seed, question_type_weights(args.question_weights), args.seed,
-                              args.min_objects, args.easy_until * args.batch_size)
+                              args.min_objects, easy_records)
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)

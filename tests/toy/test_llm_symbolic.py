@@ -110,15 +110,17 @@ def test_easy_scene_curriculum_changes_only_the_steps_it_covers():
 
 
 def test_batch_size_sets_the_questions_each_step_draws(monkeypatch):
+    import qapframe.toy.train as train
+
     drawn = []
-    real = symbolic.make_record
+    real = train.make_record
 
     def counting(seed, split, index, *args):
         if split == "train":
             drawn.append(index)
         return real(seed, split, index, *args)
 
-    monkeypatch.setattr(symbolic, "make_record", counting)
+    monkeypatch.setattr(train, "make_record", counting)  # the toy's training stream, shared
     (row,) = symbolic.train_symbolic(0.072, steps=3, eval_every=3, test_size=10, batch_size=5)
     assert drawn == list(range(15)) and row["batch_size"] == 5  # 3 steps x 5 questions, in stream order
     with pytest.raises(ValueError, match="--batch-size: must be >= 1, got 0"):

@@ -102,6 +102,12 @@ def test_curriculum_draws_easy_scenes_for_the_first_records_only():
     assert [r.id for r in records[200:]] == [make_record(0, "train", i).id for i in range(200, 240)]
     assert min(len(r.meta["objects"]) for r in records[:200]) == 1
     assert min(len(r.meta["objects"]) for r in records[200:]) == 3
+    whole_run = training_records(0, question_type_weights(""), seed=0, min_objects=1)  # no end: every record
+    assert all(r.id.endswith("-min1") for r in itertools.islice(whole_run, 50))
+    # with question weights the curriculum still covers the first easy_records records *kept*
+    weighted = training_records(0, question_type_weights("colour=0.1"), seed=0, min_objects=1, easy_records=30)
+    kept = list(itertools.islice(weighted, 40))
+    assert [r.id.endswith("-min1") for r in kept] == [True] * 30 + [False] * 10
 
 
 def test_bad_curriculum_flags_are_refused_naming_the_flag(capsys):
