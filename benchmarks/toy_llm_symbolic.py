@@ -9,12 +9,15 @@ each the sum of learned embeddings of that cell's place, colour and shape (or "e
 image's tokens go in the prompt. If the LLM cannot learn the questions from these, no vision tower
 will make it; the run per initial weight scale (``--init-std``; LLaMA's default is 0.02) measures how
 the LLM's initialisation sets the pace. Accuracy is teacher-forced exact match of the whole answer
-(every answer token and the closing ``</s>`` argmax-correct) on test-split questions.
+(every answer token and the closing ``</s>`` argmax-correct) on test-split questions; the last row also
+classes the position answers (`position_answers`). ``--prompt-loss-weight`` trains on the question text
+too, ``--patches-per-side`` lays the scene out as the toy's patch tokens instead of one token a cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -28,9 +31,9 @@ from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
 from qapframe.data.synthetic import COLOURS, MAX_OBJECTS, MIN_OBJECTS, POSITIONS, QUESTION_TYPES, SHAPES, make_record
 from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
-from qapframe.toy.model import EOS_ID, build_config, build_tokenizer, redraw_llm_weights
+from qapframe.toy.model import EOS_ID, PATCH_SIZE, build_config, build_tokenizer, redraw_llm_weights
 from qapframe.toy.train import lr_at, question_type_weights, training_records
-from qapframe.toy.vision_pretrain import cell_shared_counts
+from qapframe.toy.vision_pretrain import cell_shared_counts, patch_cells
 
 EMPTY = 0
 
@@ -40,10 +43,17 @@ class SymbolicScene(torch.nn.Module):
 
     ``shared_counts``: each token also adds embeddings of how many objects share its colour and its shape
     (`cell_shared_counts`, the toy's ``--vision-shared-counts`` target), so a count is a lookup.
+    ``patches_per_side``: one token per image patch instead of per cell, each its cell's token (what a perfect
+    vision tower would hand the LLM): 8 is the toy's 64 patches, cells of 4, 6 or 9 of them; 6 gives 36
+    patches, 4 a cell; 3 (the default) one token a cell.
     """
 
-    def __init__(self, width: int, std: float = 1.0, shared_counts: bool = False):
+    def __init__(self, width: int, std: float = 1.0, shared_counts: bool = False, patches_per_side: int = 3):
         super().__init__()
+        if patches_per_side < 3:
+            raise ValueError(f"--patches-per-side: must be >= 3 (one token a cell), got {patches_per_side}")
+        layout = patch_cells(image_size=patches_per_side * PATCH_SIZE)  # the grid cell under each patch
+        self.register_buffer("layout", layout, persistent=False)
         self.place = torch.nn.Embedding(len(POSITIONS), width)
         self.colour = torch.nn.Embedding(1 + len(COLOURS), width)
         self.shape = torch.nn.Embedding(1 + len(SHAPES), width)
@@ -72,7 +82,7 @@ class SymbolicScene(torch.nn.Module):
         if self.shared_counts:
             same_colour, same_shape = cell_shared_counts([record])
             tokens = tokens + self.same_colour(same_colour[0]) + self.same_shape(same_shape[0])
-        return tokens
+        return tokens[self.layout]
 
 
 def scene_prompt(record: VQARecord, question_first: bool = False) -> str:
@@ -85,23 +95,28 @@ def scene_prompt(record: VQARecord, question_first: bool = False) -> str:
 
 
 def batch_logits(llm, scene: SymbolicScene, tokenizer, records,
-                 question_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits [B, L-1, V], labels [B, L-1])``: position t predicts token t + 1; labels -100 off the answer."""
+                 question_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits [B, L-1, V], labels [B, L-1], prompt_labels [B, L-1])``: position t predicts token t + 1;
+    ``labels`` is -100 off the answer, ``prompt_labels`` -100 off the prompt text after the scene."""
     embed = llm.get_input_embeddings()
-    rows, labels = [], []
+    rows, labels, prompt_labels = [], [], []
     for record in records:
         before, after = split_at_image(tokenizer, scene_prompt(record, question_first))
         target = tokenizer(" " + record.answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
         tokens = scene(record)
         rows.append(torch.cat([embed(torch.tensor(before)), tokens, embed(torch.tensor(after + target))]))
-        labels.append([-100] * (len(before) + tokens.shape[0] + len(after)) + target)
+        ignored = [-100] * (len(before) + tokens.shape[0])
+        labels.append(ignored + [-100] * len(after) + target)
+        prompt_labels.append(ignored + after + [-100] * len(target))
     width = max(len(row) for row in labels)
     x = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     y = torch.full((len(rows), width), -100)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        x[i, : len(label)], mask[i, : len(label)], y[i, : len(label)] = row, 1, torch.tensor(label)
-    return llm(inputs_embeds=x, attention_mask=mask).logits[:, :-1], y[:, 1:]
+    prompt_y = torch.full_like(y, -100)
+    for i, (row, label, prompt_label) in enumerate(zip(rows, labels, prompt_labels)):
+        x[i, : len(label)], mask[i, : len(label)] = row, 1
+        y[i, : len(label)], prompt_y[i, : len(label)] = torch.tensor(label), torch.tensor(prompt_label)
+    return llm(inputs_embeds=x, attention_mask=mask).logits[:, :-1], y[:, 1:], prompt_y[:, 1:]
 
 
 @torch.no_grad()
@@ -111,7 +126,7 @@ def accuracy_by_type(llm, scene, tokenizer, records, question_first: bool = Fals
     right: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
     for start in range(0, len(records), 100):
         batch = records[start : start + 100]
-        logits, y = batch_logits(llm, scene, tokenizer, batch, question_first)
+        logits, y, _ = batch_logits(llm, scene, tokenizer, batch, question_first)
         correct = ((logits.argmax(-1) == y) | (y == -100)).all(dim=1)
         for record, ok in zip(batch, correct.tolist()):
             right[record.meta["type"]].append(ok)
@@ -121,11 +136,45 @@ def accuracy_by_type(llm, scene, tokenizer, records, question_first: bool = Fals
     return result
 
 
+ANSWER_KINDS = ("correct", "same colour", "same shape", "other object", "empty cell")
+
+
+def position_answer_kind(record: VQARecord, place: str) -> str:
+    """What ``place`` is as an answer to ``record``'s "Where is the <colour> <shape>?": the answer, or
+    the place of an object sharing the asked colour, of one sharing the asked shape, of another object, or
+    of nothing. Why: it tells a model that searches by one attribute from one that does not search at all.
+    """
+    if place == record.answer:
+        return "correct"
+    colour, shape = record.question.removesuffix("?").split()[-2:]
+    there = [o for o in record.meta["objects"] if o[2] == place]
+    if not there:
+        return "empty cell"
+    return "same colour" if there[0][0] == colour else "same shape" if there[0][1] == shape else "other object"
+
+
+@torch.no_grad()
+def position_answers(llm, scene, tokenizer, records, question_first: bool = False) -> dict[str, int]:
+    """`position_answer_kind` counts over the short-answer position questions among ``records``; each answer is
+    the place whose whole answer (words and ``</s>``) is most likely."""
+    llm.eval()
+    kinds = dict.fromkeys(ANSWER_KINDS, 0)
+    for record in (r for r in records if r.meta["type"] == "position" and not r.choices):
+        candidates = [dataclasses.replace(record, answer=place) for place in POSITIONS]
+        logits, y, _ = batch_logits(llm, scene, tokenizer, candidates, question_first)
+        log_probs = logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        best = POSITIONS[int(log_probs.where(y != -100, 0.0).sum(dim=1).argmax())]
+        kinds[position_answer_kind(record, best)] += 1
+    llm.train()
+    return kinds
+
+
 @torch.enable_grad()
 def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int, seed: int = 0,
                    on_eval=None, lr: float = 1.5e-3, heads: int | None = None, question_first: bool = False,
                    shared_counts: bool = False, min_objects: int = MIN_OBJECTS,
-                   easy_until: int | None = None, batch_size: int = 48) -> list[dict]:
+                   easy_until: int | None = None, batch_size: int = 48,
+                   prompt_loss_weight: float = 0.0, patches_per_side: int = 3, position_test: int = 0) -> list[dict]:
     """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation.
 
     ``lr``, ``heads`` (attention heads at the same width; None: the toy's), ``question_first`` (the prompt
@@ -133,6 +182,10 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     draws training scenes from that many objects up (a curriculum of easier scenes) until step ``easy_until``
     (None: the whole run), then the benchmark's own; test scenes are always the benchmark's. ``batch_size``
     (questions per step; the toy's 48) trades questions per update for updates per second.
+    ``prompt_loss_weight`` adds that weight times the cross-entropy of the question text after the scene
+    (the toy's ``--prompt-loss-weight``) to the answer loss. ``patches_per_side``: the scene's token layout
+    (`SymbolicScene`). ``position_test`` > 0 adds `position_answers` on that many test records to the
+    last row.
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -144,9 +197,12 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         config.head_dim = config.hidden_size // heads
     llm = LlamaForCausalLM(config)
     redraw_llm_weights(llm.model, llm.lm_head, init_std, seed)
-    scene = SymbolicScene(llm.config.hidden_size, shared_counts=shared_counts)
+    scene = SymbolicScene(llm.config.hidden_size, shared_counts=shared_counts,
+                          patches_per_side=patches_per_side)
     if batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
+    if not prompt_loss_weight >= 0:
+        raise ValueError(f"--prompt-loss-weight: must be a number >= 0, got {prompt_loss_weight}")
     defaults = SimpleNamespace(lr=lr, warmup=100, steps=steps, batch_size=batch_size, weight_decay=0.05)
     params = [*llm.parameters(), *scene.parameters()]
     optimizer = torch.optim.AdamW(
@@ -161,8 +217,11 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, defaults)
         batch = list(itertools.islice(stream, defaults.batch_size))
-        logits, y = batch_logits(llm, scene, tokenizer, batch, question_first)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        logits, y, prompt_y = batch_logits(llm, scene, tokenizer, batch, question_first)
+        flat = logits.reshape(-1, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(flat, y.reshape(-1))
+        if prompt_loss_weight:
+            loss = loss + prompt_loss_weight * torch.nn.functional.cross_entropy(flat, prompt_y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -172,9 +231,14 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
             rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads,
                          "question_first": question_first, "shared_counts": shared_counts,
                          "min_objects": min_objects, "easy_until": easy_until, "batch_size": batch_size,
+                         "prompt_loss_weight": prompt_loss_weight, "patches_per_side": patches_per_side,
                          "step": step + 1, "loss": round(running, 4),
                          "seconds": round(time.time() - start, 1),
                          **accuracy_by_type(llm, scene, tokenizer, test, question_first)})
+            if step + 1 == steps and position_test:
+                position_records = [make_record(0, "test", i) for i in range(position_test)]
+                rows[-1]["position_answers"] = position_answers(llm, scene, tokenizer, position_records,
+                                                                question_first)
             if on_eval is not None:
                 on_eval(rows[-1])
     return rows
@@ -196,8 +260,14 @@ def main() -> None:
     parser.add_argument("--easy-until", type=int, default=None,
                         help="step at which training scenes return to the benchmark's 3-5 objects (default: never)")
     parser.add_argument("--batch-size", type=int, default=48, help="questions per step (the toy's 48)")
+    parser.add_argument("--prompt-loss-weight", type=float, default=0.0,
+                        help="weight of a loss on the question text after the scene, added to the answer loss")
+    parser.add_argument("--patches-per-side", type=int, default=3,
+                        help="scene tokens per image side, each its cell's token (3: one a cell; 8: the toy's 64)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test", type=int, default=400, help="test-split questions per evaluation")
+    parser.add_argument("--position-test", type=int, default=1000,
+                        help="test records whose short-answer position questions are classed at the end (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the rows as JSON here (after every evaluation)")
     args = parser.parse_args()
@@ -209,13 +279,17 @@ def main() -> None:
     def report(row: dict) -> None:
         rows.append(row)
         print(" ".join(f"{row[c]:>10}" for c in columns), flush=True)
+        if "position_answers" in row:
+            print("position answers:", row["position_answers"], flush=True)
         if args.out:
             write_json_atomically(Path(args.out), {"config": vars(args), "rows": rows})
 
     for std in args.init_std:
         train_symbolic(std, args.steps, args.eval_every, args.test, on_eval=report, lr=args.lr, heads=args.heads,
                        question_first=args.question_first, shared_counts=args.shared_counts,
-                       min_objects=args.min_objects, easy_until=args.easy_until, batch_size=args.batch_size)
+                       min_objects=args.min_objects, easy_until=args.easy_until, batch_size=args.batch_size,
+                       prompt_loss_weight=args.prompt_loss_weight, patches_per_side=args.patches_per_side,
+                       position_test=args.position_test)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,14 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
     )
 
 
-def build_config(vocab_size: int) -> LlavaConfig:
+def build_config(vocab_size: int, llm_heads: int | None = None) -> LlavaConfig:
+    """The toy's config; ``llm_heads`` splits the LLM's width into that many attention heads (None: `TEXT`'s)."""
+    text_sizes = dict(TEXT)
+    if llm_heads is not None:
+        if llm_heads < 1 or TEXT["hidden_size"] % llm_heads:
+            raise ValueError(f"llm_heads: must divide the LLM width {TEXT['hidden_size']}, got {llm_heads}")
+        text_sizes.update(num_attention_heads=llm_heads, num_key_value_heads=llm_heads,
+                          head_dim=TEXT["hidden_size"] // llm_heads)
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=VISION["hidden_size"], **VISION)
     text = LlamaConfig(
         vocab_size=vocab_size,
@@ -98,7 +105,7 @@ def build_config(vocab_size: int) -> LlavaConfig:
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         tie_word_embeddings=False,
-        **TEXT,
+        **text_sizes,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -125,7 +132,7 @@ def redraw_llm_weights(language_model: torch.nn.Module, lm_head: torch.nn.Linear
 
 
 def build_model(vocab_size: int, seed: int, embed_std: float | None = None,
-                llm_init_std: float | None = None) -> LlavaForConditionalGeneration:
+                llm_init_std: float | None = None, llm_heads: int | None = None) -> LlavaForConditionalGeneration:
     """A freshly initialised toy LLaVA (float32, CPU), initialised from ``seed``.
 
     ``llm_init_std``: redraw every weight matrix of the LLM (word embeddings, attention and MLP Linears,
@@ -139,9 +146,11 @@ def build_model(vocab_size: int, seed: int, embed_std: float | None = None,
     A training experiment: trained vision tokens reach an RMS of ~3 per channel while 0.02-scale word
     embeddings barely move under AdamW, so a question word is a faint trace in its own residual stream
     once attention has written there. Larger embeddings did not make the toy learn faster (README).
+
+    ``llm_heads``: attention heads of the LLM at the same width (`build_config`).
     """
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(vocab_size))
+    model = LlavaForConditionalGeneration(build_config(vocab_size, llm_heads))
     if embed_std is not None:  # own generator: every other initial weight stays what ``seed`` gives
         generator = torch.Generator().manual_seed(seed)
         embeddings = model.get_input_embeddings().weight

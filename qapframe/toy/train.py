@@ -10,6 +10,8 @@ before the sparse question answers alone would teach it (without captions, train
 image-free answer prior for the first 1000 steps). Questions are what the model is evaluated on.
 With probability ``--drop-prob`` a question sees only a random, order-preserving subset of 10-100%
 of its vision tokens, as LLaVA models tolerate pruning because their tokens overlap in content.
+``--prompt-loss-weight`` and ``--llm-heads`` are training experiments (README): a loss on the question
+text as well as the answer, and more attention heads at the same width.
 Training data are fresh synthetic records (never the test split), so there is no overfitting to a
 fixed set; everything is seeded, and the result is saved with ``save_pretrained``.
 """
@@ -35,7 +37,9 @@ from qapframe.data.synthetic import (
 from qapframe.eval.metrics import RecordOutcome, accuracy_by_type
 from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
-from qapframe.toy.model import CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, build_model, build_processor, build_tokenizer
+from qapframe.toy.model import (
+    CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, TEXT, build_model, build_processor, build_tokenizer,
+)
 from qapframe.toy.vision_pretrain import pretrain_vision
 
 
@@ -51,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="initial standard deviation of the LLM's word embeddings (default: LLaMA's 0.02)")
     p.add_argument("--llm-init-std", type=float, default=None,
                    help="initial standard deviation of every LLM weight matrix (default: LLaMA's 0.02)")
+    p.add_argument("--llm-heads", type=int, default=None,
+                   help="attention heads of the LLM at the same width (default: the toy's 4)")
     p.add_argument("--vision-steps", type=int, default=300,
                    help="stage 0: vision-tower pretraining steps (0 trains the tower through the LLM instead)")
     p.add_argument("--vision-patch-labels", action=argparse.BooleanOptionalAction, default=False,
@@ -68,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--drop-prob", type=float, default=0.5, help="probability that an example drops vision tokens")
     p.add_argument("--min-keep", type=float, default=0.1, help="smallest kept fraction when dropping")
+    p.add_argument("--prompt-loss-weight", type=float, default=0.0,
+                   help="weight of a language-model loss on the prompt text after the image (the question "
+                        "words), added to the answer loss; 0 trains on answers only")
     p.add_argument("--caption-prob", type=float, default=0.3, help="probability that an example is a caption")
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="question turns per image in a (LLaVA-style multi-turn) question example")
@@ -93,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}: must be a number > 0 (or left out for LLaMA's 0.02), got {std}")
         if std is not None and args.init_from is not None:
             p.error(f"{flag}: only a fresh model is initialised; --init-from continues a trained one")
+    if args.llm_heads is not None and args.init_from is not None:
+        p.error("--llm-heads: only a fresh model is built; --init-from continues a trained one")
+    if args.llm_heads is not None and (args.llm_heads < 1 or TEXT["hidden_size"] % args.llm_heads):
+        p.error(f"--llm-heads: must divide the LLM width {TEXT['hidden_size']}, got {args.llm_heads}")
+    if not args.prompt_loss_weight >= 0:
+        p.error(f"--prompt-loss-weight: must be a number >= 0, got {args.prompt_loss_weight}")
     if args.llm_init_std is not None and args.embed_std is not None:
         p.error("--llm-init-std: redraws the word embeddings too; give it or --embed-std, not both")
     if not 1 <= args.min_objects <= MAX_OBJECTS:
@@ -165,13 +180,23 @@ def _follow_up_turn(tokenizer, record) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+IGNORE, PROMPT, ANSWER = range(3)  # what a token of a training row is, for the loss
+
+
 def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens (each closed by ``</s>``) of one batch of conversations."""
+    """Mean cross-entropy over answer tokens (each closed by ``</s>``) of one batch of conversations.
+
+    With ``args.prompt_loss_weight`` > 0, plus that weight times the mean cross-entropy over the prompt
+    tokens after the image. Why: the answers alone are one or two tokens a question, and the words of a
+    question carry the image too ("Where is the red ..." is followed by a shape that a red object in this
+    scene has), so predicting them is a dense search-by-attribute exercise (README: it is what taught the
+    LLM to search on ideal symbolic scenes).
+    """
     tokenizer = processor.tokenizer
     vision = vision_tokens(model, processor, [r.image for r in records])  # [B, N, D]
     n = vision.shape[1]
     caption_ids = split_at_image(tokenizer, CAPTION_PROMPT)
-    rows, row_labels = [], []
+    rows, row_kinds, row_ids = [], [], []
     for record, tokens in zip(records, vision):
         if rng.random() < args.caption_prob:
             before, prompt = caption_ids
@@ -184,20 +209,27 @@ def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Ten
             before, prompt = prompt_ids(tokenizer, record)
             follow_ups = follow_up_questions(record, args.questions_per_image - 1, args.data_seed)
             turns = [(prompt, record.answer)] + [(_follow_up_turn(tokenizer, q), q.answer) for q in follow_ups]
-        after, labels = [], [-100] * (len(before) + tokens.shape[0])
+        after, kinds = [], [IGNORE] * (len(before) + tokens.shape[0])
         for prompt, answer_text in turns:
             target = tokenizer(" " + answer_text, add_special_tokens=False)["input_ids"] + [EOS_ID]
             after += prompt + target
-            labels += [-100] * len(prompt) + target
+            kinds += [PROMPT] * len(prompt) + [ANSWER] * len(target)
         rows.append((before, tokens, after))
-        row_labels.append(labels)
+        row_kinds.append(kinds)
+        row_ids.append(before + [IGNORE] * tokens.shape[0] + after)  # vision positions are never targets
     embeds, mask = sequence_embeds(model, rows, pad_left=False)  # [B, L, D], [B, L]
-    labels = torch.full(mask.shape, -100, dtype=torch.long)
-    for i, row in enumerate(row_labels):
-        labels[i, : len(row)] = torch.tensor(row)
+    ids = torch.zeros(mask.shape, dtype=torch.long)
+    kind = torch.full(mask.shape, IGNORE, dtype=torch.long)
+    for i, (row, kinds) in enumerate(zip(row_ids, row_kinds)):
+        ids[i, : len(row)], kind[i, : len(row)] = torch.tensor(row), torch.tensor(kinds)
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     logits = model.lm_head(hidden[:, :-1])  # position t predicts token t + 1
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, L-1]
+    targets = kind[:, 1:]
+    loss = token_loss[targets == ANSWER].mean()
+    if args.prompt_loss_weight:
+        loss = loss + args.prompt_loss_weight * token_loss[targets == PROMPT].mean()
+    return loss
 
 
 def evaluate(model, processor, size: int, data_seed: int) -> dict:
@@ -221,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     if args.init_from is None:
         processor = build_processor(build_tokenizer())
-        model = build_model(len(processor.tokenizer), args.seed, args.embed_std, args.llm_init_std)
+        model = build_model(len(processor.tokenizer), args.seed, args.embed_std, args.llm_init_std, args.llm_heads)
     else:  # the saved model with the processor it was trained with
         model, processor = load_toy(path=TOY_PATH if args.init_from == "toy" else args.init_from)
     model.train()

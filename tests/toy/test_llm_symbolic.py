@@ -1,5 +1,5 @@
 """benchmarks/toy_llm_symbolic.py: the ideal scene tokens say exactly what the scene holds, the loss sees
-only the answer, and a run is a pure function of its seed."""
+the answer (and, when asked, the question text), and a run is a pure function of its seed."""
 
 import importlib.util
 from pathlib import Path
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qapframe.data.synthetic import COLOURS, POSITIONS, SHAPES, QUESTION_TYPES, make_record
+from qapframe.toy.evaluate import split_at_image
 from qapframe.toy.model import EOS_ID, build_config, build_tokenizer
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -38,11 +39,25 @@ def test_labels_are_the_answer_tokens_and_eos_after_the_scene_in_the_image_slot(
     scene = symbolic.SymbolicScene(llm.config.hidden_size)
     records = [make_record(0, "test", i) for i in range(6)]
     with torch.no_grad():
-        logits, labels = symbolic.batch_logits(llm, scene, tokenizer, records)
-    assert logits.shape[:2] == labels.shape
-    for record, row in zip(records, labels):
+        logits, labels, prompt_labels = symbolic.batch_logits(llm, scene, tokenizer, records)
+    assert logits.shape[:2] == labels.shape == prompt_labels.shape
+    for record, row, prompt_row in zip(records, labels, prompt_labels):
         answer = row[row != -100].tolist()
         assert answer[-1] == EOS_ID and tokenizer.decode(answer[:-1]).strip() == record.answer.lower()
+        # the prompt labels are the prompt's text after the image slot, and they end where the answer starts
+        _, after = split_at_image(tokenizer, symbolic.scene_prompt(record))
+        assert prompt_row[prompt_row != -100].tolist() == after
+        last_prompt = (prompt_row != -100).nonzero().max().item()
+        assert (row != -100).nonzero().min().item() == last_prompt + 1
+
+
+def test_prompt_loss_weight_changes_the_training_and_a_negative_weight_is_refused():
+    (plain,) = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=10)
+    (weighted,) = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=10, prompt_loss_weight=1.0)
+    assert plain["prompt_loss_weight"] == 0.0 and weighted["prompt_loss_weight"] == 1.0
+    assert weighted["loss"] > plain["loss"]  # the question text adds its own (positive) cross-entropy
+    with pytest.raises(ValueError, match="--prompt-loss-weight: must be a number >= 0, got -1"):
+        symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, prompt_loss_weight=-1)
 
 
 def test_training_run_is_seeded_and_reports_every_question_type():
@@ -125,3 +140,48 @@ def test_batch_size_sets_the_questions_each_step_draws(monkeypatch):
     assert drawn == list(range(15)) and row["batch_size"] == 5  # 3 steps x 5 questions, in stream order
     with pytest.raises(ValueError, match="--batch-size: must be >= 1, got 0"):
         symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, batch_size=0)
+
+
+def test_patch_layouts_repeat_each_cells_token_over_its_patches():
+    from qapframe.toy.model import NUM_VISION_TOKENS
+    from qapframe.toy.vision_pretrain import patch_cells
+
+    torch.manual_seed(0)
+    cells = symbolic.SymbolicScene(16)
+    record = make_record(0, "test", 3)
+    per_cell = cells(record)
+    assert per_cell.shape == (len(POSITIONS), 16)
+    for side, layout in [(8, patch_cells()), (6, torch.arange(9).view(3, 3).repeat_interleave(2, 0)
+                                               .repeat_interleave(2, 1).flatten())]:
+        torch.manual_seed(0)
+        per_patch = symbolic.SymbolicScene(16, patches_per_side=side)(record)
+        assert per_patch.shape == (side * side, 16)
+        assert torch.equal(per_patch, per_cell[layout])
+    assert symbolic.SymbolicScene(16, patches_per_side=8)(record).shape[0] == NUM_VISION_TOKENS
+    with pytest.raises(ValueError, match="--patches-per-side: must be >= 3"):
+        symbolic.SymbolicScene(16, patches_per_side=2)
+    (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, patches_per_side=6)
+    assert row["patches_per_side"] == 6
+
+
+def test_position_answers_class_every_short_answer_position_question():
+    from transformers import LlamaForCausalLM
+
+    from qapframe.data.base import VQARecord
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(build_config(len(tokenizer)).text_config).eval()
+    scene = symbolic.SymbolicScene(llm.config.hidden_size)
+    records = [make_record(0, "test", i) for i in range(80)]
+    asked = [r for r in records if r.meta["type"] == "position" and not r.choices]
+    kinds = symbolic.position_answers(llm, scene, tokenizer, records)
+    assert asked and sum(kinds.values()) == len(asked) and set(kinds) == set(symbolic.ANSWER_KINDS)
+
+    objects = [("red", "circle", "top left"), ("red", "square", "center"), ("blue", "circle", "bottom"),
+               ("green", "triangle", "right")]
+    record = VQARecord(id="x", image=None, question="Where is the red circle?", answer="top left", choices=None,
+                       meta={"type": "position", "form": "short_answer", "objects": objects})
+    expected = {"top left": "correct", "center": "same colour", "bottom": "same shape", "right": "other object",
+                "left": "empty cell"}
+    assert {place: symbolic.position_answer_kind(record, place) for place in expected} == expected

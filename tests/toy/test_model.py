@@ -90,3 +90,19 @@ def test_llm_init_std_redraws_every_llm_matrix_and_nothing_else():
     assert not redrawn["model.language_model.embed_tokens.weight"][0].any()
     again = dict(build_model(100, seed=3, llm_init_std=0.07).named_parameters())
     assert all(torch.equal(again[n], redrawn[n]) for n in matrices)
+
+
+def test_llm_heads_split_the_same_width_into_more_heads():
+    """``llm_heads`` changes only how the LLM's width is split: same parameter shapes, heads of width / heads."""
+    import pytest
+
+    from qapframe.toy.model import TEXT, build_config
+
+    config = build_config(100, llm_heads=12).text_config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (12, 12, 16)
+    assert config.hidden_size == TEXT["hidden_size"]
+    plain = {n: p.shape for n, p in build_model(100, seed=0).named_parameters()}
+    assert {n: p.shape for n, p in build_model(100, seed=0, llm_heads=12).named_parameters()} == plain
+    assert build_model(100, seed=0).config.text_config.num_attention_heads == TEXT["num_attention_heads"]
+    with pytest.raises(ValueError, match="llm_heads: must divide the LLM width 192, got 5"):
+        build_config(100, llm_heads=5)

@@ -224,3 +224,42 @@ def test_bad_llm_init_std_is_refused_naming_the_flag(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--out", "unused", *argv])
         assert "--llm-init-std" in capsys.readouterr().err
+
+
+def test_prompt_loss_adds_the_weighted_cross_entropy_of_the_question_text():
+    """Weight w: answer-token CE plus w times the mean CE over the prompt tokens after the image, as computed
+    through the processor path; weight 0 is the answer loss alone."""
+    from qapframe.data.prompts import build_prompt
+
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(len(processor.tokenizer), seed=0).eval()
+    record = make_record(0, "train", 7)
+    flags = ["--out", "unused", "--caption-prob", "0", "--drop-prob", "0"]
+    with torch.no_grad():
+        answer_only = batch_loss(model, processor, [record], random.Random(0), parse_args(flags))
+        weighted = batch_loss(model, processor, [record], random.Random(0),
+                              parse_args([*flags, "--prompt-loss-weight", "0.5"]))
+        inputs = processor(images=[record.image], text=[build_prompt(record)], return_tensors="pt")
+        target = processor.tokenizer(" " + record.answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([target])], dim=1)[0]
+        logits = model(input_ids=ids[None], pixel_values=inputs["pixel_values"]).logits[0]
+    image_positions = (ids == processor.tokenizer.convert_tokens_to_ids("<image>")).nonzero().flatten()
+    first_text, first_answer = image_positions[-1].item() + 1, len(ids) - len(target)
+    assert first_answer - first_text > 5  # the question and its hints
+    ce = torch.nn.functional.cross_entropy
+    expected_answer = ce(logits[first_answer - 1 : -1], ids[first_answer:])
+    expected_prompt = ce(logits[first_text - 1 : first_answer - 1], ids[first_text:first_answer])
+    torch.testing.assert_close(answer_only, expected_answer, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weighted, expected_answer + 0.5 * expected_prompt, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_llm_flags_are_refused_naming_the_flag(capsys):
+    import pytest
+
+    for flags, expected in [(["--llm-heads", "5"], "--llm-heads: must divide the LLM width 192, got 5"),
+                            (["--llm-heads", "12", "--init-from", "toy"], "--llm-heads: only a fresh model"),
+                            (["--prompt-loss-weight", "-1"], "--prompt-loss-weight: must be a number >= 0, got -1")]:
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "unused", *flags])
+        assert expected in capsys.readouterr().err
