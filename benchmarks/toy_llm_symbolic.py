@@ -31,7 +31,7 @@ from qapframe.data.prompts import IMAGE_PLACEHOLDER, build_prompt
 from qapframe.data.synthetic import COLOURS, MAX_OBJECTS, MIN_OBJECTS, POSITIONS, QUESTION_TYPES, SHAPES, make_record
 from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
-from qapframe.toy.model import EOS_ID, PATCH_SIZE, build_config, build_tokenizer, redraw_llm_weights
+from qapframe.toy.model import EOS_ID, PATCH_SIZE, build_config, build_tokenizer, check_llm_heads, redraw_llm_weights
 from qapframe.toy.train import lr_at, question_type_weights, training_records
 from qapframe.toy.vision_pretrain import cell_shared_counts, patch_cells
 
@@ -189,12 +189,12 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = build_config(len(tokenizer)).text_config
     if heads is not None:
-        if config.hidden_size % heads:
-            raise ValueError(f"--heads: must divide the LLM width {config.hidden_size}, got {heads}")
-        config.num_attention_heads = config.num_key_value_heads = heads
-        config.head_dim = config.hidden_size // heads
+        try:
+            check_llm_heads(heads)
+        except ValueError as error:
+            raise ValueError(f"--heads: {error}") from None
+    config = build_config(len(tokenizer), heads).text_config
     llm = LlamaForCausalLM(config)
     redraw_llm_weights(llm.model, llm.lm_head, init_std, seed)
     scene = SymbolicScene(llm.config.hidden_size, shared_counts=shared_counts,

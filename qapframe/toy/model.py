@@ -89,12 +89,20 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
     )
 
 
+def check_llm_heads(heads: int) -> None:
+    """Refuse a head count that does not split the LLM's width evenly; callers prefix their own name."""
+    if heads < 1 or TEXT["hidden_size"] % heads:
+        raise ValueError(f"must divide the LLM width {TEXT['hidden_size']}, got {heads}")
+
+
 def build_config(vocab_size: int, llm_heads: int | None = None) -> LlavaConfig:
     """The toy's config; ``llm_heads`` splits the LLM's width into that many attention heads (None: `TEXT`'s)."""
     text_sizes = dict(TEXT)
     if llm_heads is not None:
-        if llm_heads < 1 or TEXT["hidden_size"] % llm_heads:
-            raise ValueError(f"llm_heads: must divide the LLM width {TEXT['hidden_size']}, got {llm_heads}")
+        try:
+            check_llm_heads(llm_heads)
+        except ValueError as error:
+            raise ValueError(f"llm_heads: {error}") from None
         text_sizes.update(num_attention_heads=llm_heads, num_key_value_heads=llm_heads,
                           head_dim=TEXT["hidden_size"] // llm_heads)
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=VISION["hidden_size"], **VISION)
@@ -165,5 +173,5 @@ def build_model(vocab_size: int, seed: int, embed_std: float | None = None,
     return model
 
 
-__all__ = ["CAPTION_PROMPT", "NUM_VISION_TOKENS", "PATCH_SIZE", "build_config", "build_model", "build_processor", "build_tokenizer",
+__all__ = ["CAPTION_PROMPT", "NUM_VISION_TOKENS", "PATCH_SIZE", "build_config", "check_llm_heads", "build_model", "build_processor", "build_tokenizer",
            "redraw_llm_weights"]

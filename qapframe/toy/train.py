@@ -38,7 +38,7 @@ from qapframe.eval.metrics import RecordOutcome, accuracy_by_type
 from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
 from qapframe.toy.model import (
-    CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, TEXT, build_model, build_processor, build_tokenizer,
+    CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, PAD_ID, build_model, build_processor, build_tokenizer, check_llm_heads,
 )
 from qapframe.toy.vision_pretrain import pretrain_vision
 
@@ -104,8 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}: only a fresh model is initialised; --init-from continues a trained one")
     if args.llm_heads is not None and args.init_from is not None:
         p.error("--llm-heads: only a fresh model is built; --init-from continues a trained one")
-    if args.llm_heads is not None and (args.llm_heads < 1 or TEXT["hidden_size"] % args.llm_heads):
-        p.error(f"--llm-heads: must divide the LLM width {TEXT['hidden_size']}, got {args.llm_heads}")
+    if args.llm_heads is not None:
+        try:
+            check_llm_heads(args.llm_heads)
+        except ValueError as error:
+            p.error(f"--llm-heads: {error}")
     if not args.prompt_loss_weight >= 0:
         p.error(f"--prompt-loss-weight: must be a number >= 0, got {args.prompt_loss_weight}")
     if args.llm_init_std is not None and args.embed_std is not None:
@@ -216,9 +219,9 @@ def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Ten
             kinds += [PROMPT] * len(prompt) + [ANSWER] * len(target)
         rows.append((before, tokens, after))
         row_kinds.append(kinds)
-        row_ids.append(before + [IGNORE] * tokens.shape[0] + after)  # vision positions are never targets
+        row_ids.append(before + [PAD_ID] * tokens.shape[0] + after)  # vision positions are never targets
     embeds, mask = sequence_embeds(model, rows, pad_left=False)  # [B, L, D], [B, L]
-    ids = torch.zeros(mask.shape, dtype=torch.long)
+    ids = torch.full(mask.shape, PAD_ID, dtype=torch.long)
     kind = torch.full(mask.shape, IGNORE, dtype=torch.long)
     for i, (row, kinds) in enumerate(zip(row_ids, row_kinds)):
         ids[i, : len(row)], kind[i, : len(row)] = torch.tensor(row), torch.tensor(kinds)
