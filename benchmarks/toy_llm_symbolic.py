@@ -11,7 +11,9 @@ will make it; the run per initial weight scale (``--init-std``; LLaMA's default 
 the LLM's initialisation sets the pace. Accuracy is teacher-forced exact match of the whole answer
 (every answer token and the closing ``</s>`` argmax-correct) on test-split questions; the last row also
 classes the position answers (`position_answers`). ``--prompt-loss-weight`` trains on the question text
-too, ``--patches-per-side`` lays the scene out as the toy's patch tokens instead of one token a cell.
+too, ``--patches-per-side`` lays the scene out as the toy's patch tokens instead of one token a cell
+(``--centre-only``: an object on its cell's centre patch alone), ``--frozen-scene`` keeps the scene
+embeddings at their random start (fixed codes, as the toy's stage 0b emits).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
 from qapframe.toy.model import EOS_ID, PATCH_SIZE, build_config, build_tokenizer, check_llm_heads, redraw_llm_weights
 from qapframe.toy.train import lr_at, question_type_weights, training_records
-from qapframe.toy.vision_pretrain import cell_shared_counts, patch_cells
+from qapframe.toy.vision_pretrain import cell_centre_patches, cell_shared_counts, patch_cells
 
 EMPTY = 0
 
@@ -45,15 +47,20 @@ class SymbolicScene(torch.nn.Module):
     (`cell_shared_counts`, the toy's ``--vision-shared-counts`` target), so a count is a lookup.
     ``patches_per_side``: one token per image patch instead of per cell, each its cell's token (what a perfect
     vision tower would hand the LLM): 8 is the toy's 64 patches, cells of 4, 6 or 9 of them; 6 gives 36
-    patches, 4 a cell; 3 (the default) one token a cell.
+    patches, 4 a cell; 3 (the default) one token a cell. ``centre_only``: in a patch layout only each cell's
+    centre patch carries its object, the others its place and "empty", so that an object is one token.
     """
 
-    def __init__(self, width: int, std: float = 1.0, shared_counts: bool = False, patches_per_side: int = 3):
+    def __init__(self, width: int, std: float = 1.0, shared_counts: bool = False, patches_per_side: int = 3,
+                 centre_only: bool = False):
         super().__init__()
         if patches_per_side < 3:
             raise ValueError(f"--patches-per-side: must be >= 3 (one token a cell), got {patches_per_side}")
         layout = patch_cells(image_size=patches_per_side * PATCH_SIZE)  # the grid cell under each patch
         self.register_buffer("layout", layout, persistent=False)
+        off_centre = torch.full((len(layout),), centre_only)  # patches that show their place and "empty" only
+        off_centre[cell_centre_patches(image_size=patches_per_side * PATCH_SIZE)] = False
+        self.register_buffer("off_centre", off_centre, persistent=False)
         self.place = torch.nn.Embedding(len(POSITIONS), width)
         self.colour = torch.nn.Embedding(1 + len(COLOURS), width)
         self.shape = torch.nn.Embedding(1 + len(SHAPES), width)
@@ -82,7 +89,8 @@ class SymbolicScene(torch.nn.Module):
         if self.shared_counts:
             same_colour, same_shape = cell_shared_counts([record])
             tokens = tokens + self.same_colour(same_colour[0]) + self.same_shape(same_shape[0])
-        return tokens[self.layout]
+        empty = self.place.weight + self.colour.weight[EMPTY] + self.shape.weight[EMPTY]  # [9, D]
+        return torch.where(self.off_centre[:, None], empty[self.layout], tokens[self.layout])
 
 
 def scene_prompt(record: VQARecord, question_first: bool = False) -> str:
@@ -174,7 +182,8 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
                    on_eval=None, lr: float = 1.5e-3, heads: int | None = None, question_first: bool = False,
                    shared_counts: bool = False, min_objects: int = MIN_OBJECTS,
                    easy_until: int | None = None, batch_size: int = 48,
-                   prompt_loss_weight: float = 0.0, patches_per_side: int = 3, position_test: int = 0) -> list[dict]:
+                   prompt_loss_weight: float = 0.0, patches_per_side: int = 3, position_test: int = 0,
+                   frozen_scene: bool = False, centre_only: bool = False) -> list[dict]:
     """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation.
 
     ``lr``, ``heads`` (attention heads at the same width; None: the toy's), ``question_first`` (the prompt
@@ -185,7 +194,9 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     ``prompt_loss_weight`` adds that weight times the cross-entropy of the question text after the scene
     (the toy's ``--prompt-loss-weight``) to the answer loss. ``patches_per_side``: the scene's token layout
     (`SymbolicScene`). ``position_test`` > 0 adds `position_answers` on that many test records to the
-    last row.
+    last row. ``frozen_scene`` keeps the scene's embeddings at their random initial values, as fixed codes (what
+    the toy's stage 0b makes its projector emit), instead of learning them with the LLM. ``centre_only``: in a
+    patch layout only each cell's centre patch carries its object (the toy's ``--projector-centre-only``).
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -198,13 +209,14 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     llm = LlamaForCausalLM(config)
     redraw_llm_weights(llm.model, llm.lm_head, init_std, seed)
     scene = SymbolicScene(llm.config.hidden_size, shared_counts=shared_counts,
-                          patches_per_side=patches_per_side)
+                          patches_per_side=patches_per_side, centre_only=centre_only)
     if batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
     if not prompt_loss_weight >= 0:
         raise ValueError(f"--prompt-loss-weight: must be a number >= 0, got {prompt_loss_weight}")
     defaults = SimpleNamespace(lr=lr, warmup=100, steps=steps, batch_size=batch_size, weight_decay=0.05)
-    params = [*llm.parameters(), *scene.parameters()]
+    scene.requires_grad_(not frozen_scene)
+    params = [*llm.parameters(), *(() if frozen_scene else scene.parameters())]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": defaults.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -232,6 +244,7 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
                          "question_first": question_first, "shared_counts": shared_counts,
                          "min_objects": min_objects, "easy_until": easy_until, "batch_size": batch_size,
                          "prompt_loss_weight": prompt_loss_weight, "patches_per_side": patches_per_side,
+                         "frozen_scene": frozen_scene, "centre_only": centre_only,
                          "step": step + 1, "loss": round(running, 4),
                          "seconds": round(time.time() - start, 1),
                          **accuracy_by_type(llm, scene, tokenizer, test, question_first)})
@@ -264,6 +277,10 @@ def main() -> None:
                         help="weight of a loss on the question text after the scene, added to the answer loss")
     parser.add_argument("--patches-per-side", type=int, default=3,
                         help="scene tokens per image side, each its cell's token (3: one a cell; 8: the toy's 64)")
+    parser.add_argument("--frozen-scene", action="store_true",
+                        help="scene embeddings stay fixed random codes instead of being learned with the LLM")
+    parser.add_argument("--centre-only", action="store_true",
+                        help="with --patches-per-side > 3, only each cell's centre patch carries its object")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test", type=int, default=400, help="test-split questions per evaluation")
     parser.add_argument("--position-test", type=int, default=1000,
@@ -289,7 +306,8 @@ def main() -> None:
                        question_first=args.question_first, shared_counts=args.shared_counts,
                        min_objects=args.min_objects, easy_until=args.easy_until, batch_size=args.batch_size,
                        prompt_loss_weight=args.prompt_loss_weight, patches_per_side=args.patches_per_side,
-                       position_test=args.position_test)
+                       position_test=args.position_test, frozen_scene=args.frozen_scene,
+                       centre_only=args.centre_only)
 
 
 if __name__ == "__main__":

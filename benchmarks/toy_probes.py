@@ -59,6 +59,21 @@ def fit_probe(x_train, y_train, x_test, y_test, seed: int, steps: int = 300) -> 
     return accuracy, prior
 
 
+def additive_r2(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor]) -> float:
+    """Share of the test tokens' variance that a least-squares sum of per-cell, per-colour and per-shape
+    vectors (fitted on the train tokens) reproduces: 1 for ideal symbolic tokens, low when most of each token
+    is detail of its patch that no question asks about."""
+    def design(table):
+        parts = [(table["cell"], 9), (table["colour"], 1 + len(COLOURS)), (table["shape"], 1 + len(SHAPES))]
+        return torch.cat([torch.nn.functional.one_hot(x.reshape(-1), n) for x, n in parts], dim=1).double()
+
+    width = train["tokens"].shape[-1]
+    y_train, y_test = train["tokens"].reshape(-1, width).double(), test["tokens"].reshape(-1, width).double()
+    solution = torch.linalg.lstsq(design(train), y_train, driver="gelsd").solution
+    residual = y_test - design(test) @ solution
+    return 1 - (residual.pow(2).sum() / (y_test - y_test.mean(0)).pow(2).sum()).item()
+
+
 def run_probes(model, processor, n_train: int, n_test: int, seed: int = 0) -> list[dict]:
     train, test = token_table(model, processor, 0, n_train), token_table(model, processor, n_train, n_test)
     width = train["tokens"].shape[-1]
@@ -84,6 +99,8 @@ def run_probes(model, processor, n_train: int, n_test: int, seed: int = 0) -> li
     for what, key, i in counts:  # every token labelled with its image's count: can one token alone say it?
         add(f"one token -> number of {what}", tokens_train, train[key][:, i].repeat_interleave(n),
             tokens_test, test[key][:, i].repeat_interleave(n))
+    rows.append({"probe": "token variance explained by place + colour + shape",
+                 "r2": round(additive_r2(train, test), 4)})
     return rows
 
 
@@ -100,7 +117,10 @@ def main() -> None:
     rows = run_probes(model, processor, args.train, args.test)
     print(f"{'probe':<56} {'accuracy':>9} {'prior':>7}")
     for row in rows:
-        print(f"{row['probe']:<56} {100 * row['accuracy']:8.1f}% {100 * row['prior']:6.1f}%")
+        if "r2" in row:
+            print(f"{row['probe']:<56} {100 * row['r2']:8.1f}% (R^2)")
+        else:
+            print(f"{row['probe']:<56} {100 * row['accuracy']:8.1f}% {100 * row['prior']:6.1f}%")
     if args.out:
         write_json_atomically(Path(args.out), {"config": vars(args), "rows": rows})
 

@@ -11,7 +11,9 @@ image-free answer prior for the first 1000 steps). Questions are what the model 
 With probability ``--drop-prob`` a question sees only a random, order-preserving subset of 10-100%
 of its vision tokens, as LLaVA models tolerate pruning because their tokens overlap in content.
 ``--prompt-loss-weight`` and ``--llm-heads`` are training experiments (README): a loss on the question
-text as well as the answer, and more attention heads at the same width.
+text as well as the answer, and more attention heads at the same width. So is stage 0b
+(``--projector-steps``, `qapframe.toy.projector_pretrain`): the projector first learns to lay each patch
+out as fixed codes of its cell's place, colour and shape, optionally kept fixed after (``--freeze-projector``).
 Training data are fresh synthetic records (never the test split), so there is no overfitting to a
 fixed set; everything is seeded, and the result is saved with ``save_pretrained``.
 """
@@ -40,6 +42,7 @@ from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds,
 from qapframe.toy.model import (
     CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, PAD_ID, build_model, build_processor, build_tokenizer, check_llm_heads,
 )
+from qapframe.toy.projector_pretrain import pretrain_projector
 from qapframe.toy.vision_pretrain import pretrain_vision
 
 
@@ -67,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stage 0: every patch must also give how many objects share its cell's colour and its shape")
     p.add_argument("--vision-batch-size", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--projector-steps", type=int, default=0,
+                   help="stage 0b: projector pretraining steps, mapping each patch onto fixed codes of its cell's "
+                        "place, colour and shape (0: the projector learns through the LLM only)")
+    p.add_argument("--projector-lr", type=float, default=2e-3)
+    p.add_argument("--projector-centre-only", action=argparse.BooleanOptionalAction, default=False,
+                   help="stage 0b: only each cell's centre patch carries its object's codes, so an object is one token")
+    p.add_argument("--freeze-projector", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the projector fixed in stage 1, so the LLM reads the tokens stage 0b laid out")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -102,6 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}: must be a number > 0 (or left out for LLaMA's 0.02), got {std}")
         if std is not None and args.init_from is not None:
             p.error(f"{flag}: only a fresh model is initialised; --init-from continues a trained one")
+    if args.projector_steps < 0:
+        p.error(f"--projector-steps: must be a number of steps >= 0, got {args.projector_steps}")
+    if args.projector_steps and args.init_from is not None:
+        p.error("--projector-steps: only a fresh model's projector is pretrained; --init-from continues a trained one")
+    if args.projector_centre_only and not args.projector_steps:
+        p.error("--projector-centre-only: needs --projector-steps > 0 (it shapes stage 0b's targets)")
+    if args.freeze_projector and not args.projector_steps:
+        p.error("--freeze-projector: needs --projector-steps > 0 (an untrained projector would stay random)")
     if args.llm_heads is not None and args.init_from is not None:
         p.error("--llm-heads: only a fresh model is built; --init-from continues a trained one")
     if args.llm_heads is not None:
@@ -272,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
                                        patch_scene_counts=args.vision_scene_counts,
                                        patch_shared_counts=args.vision_shared_counts)
         model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA's training
+    if args.projector_steps:
+        vision_stats.update(pretrain_projector(model, processor, args.projector_steps, args.vision_batch_size,
+                                               args.projector_lr, args.data_seed, args.seed,
+                                               centre_only=args.projector_centre_only))
+    if args.freeze_projector:
+        model.model.multi_modal_projector.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]  # norms and biases

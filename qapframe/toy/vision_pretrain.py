@@ -33,6 +33,17 @@ def patch_cells(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> t
     return torch.tensor([cell_of[row] * 3 + cell_of[col] for row in range(side) for col in range(side)])
 
 
+def cell_centre_patches(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """``[9]`` per grid cell, the patch whose centre lies nearest the cell's centre (ties: the first, row-major)."""
+    side = image_size // patch_size
+
+    def distance(patch: int, cell: int) -> float:  # along one axis, between the two centres
+        return abs((patch + 0.5) * patch_size - (cell + 0.5) * image_size / 3)
+
+    nearest = [min(range(side), key=lambda patch: distance(patch, cell)) for cell in range(3)]
+    return torch.tensor([nearest[row] * side + nearest[col] for row in range(3) for col in range(3)])
+
+
 def cell_pooling(cells: torch.Tensor) -> torch.Tensor:
     """``[9, N]`` row-stochastic matrix: row c averages the patches of grid cell c."""
     pool = torch.nn.functional.one_hot(cells, len(POSITIONS)).T.float()
@@ -166,5 +177,5 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
     return stats
 
 
-__all__ = ["cell_labels", "cell_pooling", "cell_shared_counts", "patch_cells", "patch_features", "pretrain_vision",
-           "scene_counts"]
+__all__ = ["cell_centre_patches", "cell_labels", "cell_pooling", "cell_shared_counts", "patch_cells", "patch_features",
+           "pretrain_vision", "scene_counts"]

@@ -60,6 +60,23 @@ def test_prompt_loss_weight_changes_the_training_and_a_negative_weight_is_refuse
         symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, prompt_loss_weight=-1)
 
 
+def test_frozen_scene_keeps_its_initial_codes_while_the_llm_learns(monkeypatch):
+    built = []
+
+    class Recorded(symbolic.SymbolicScene):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.initial = {name: p.detach().clone() for name, p in self.named_parameters()}
+            built.append(self)
+
+    monkeypatch.setattr(symbolic, "SymbolicScene", Recorded)
+    (frozen,) = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=10, frozen_scene=True)
+    (learned,) = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=10)
+    assert frozen["frozen_scene"] and not learned["frozen_scene"]
+    assert all(torch.equal(p, built[0].initial[name]) for name, p in built[0].named_parameters())
+    assert all(not torch.equal(p, built[1].initial[name]) for name, p in built[1].named_parameters())
+
+
 def test_training_run_is_seeded_and_reports_every_question_type():
     first = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=30)
     second = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=30)
@@ -162,6 +179,22 @@ def test_patch_layouts_repeat_each_cells_token_over_its_patches():
         symbolic.SymbolicScene(16, patches_per_side=2)
     (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, patches_per_side=6)
     assert row["patches_per_side"] == 6
+
+
+def test_centre_only_layout_puts_each_object_on_its_cells_centre_patch_alone():
+    from qapframe.toy.vision_pretrain import cell_centre_patches, patch_cells
+
+    record = make_record(0, "test", 3)
+    torch.manual_seed(0)
+    scene = symbolic.SymbolicScene(16, patches_per_side=8, centre_only=True)
+    tokens, cells, centres = scene(record), patch_cells(), cell_centre_patches()
+    per_cell = scene.place.weight + scene.colour(scene.labels(record)[0]) + scene.shape(scene.labels(record)[1])
+    empty = scene.place.weight + scene.colour.weight[0] + scene.shape.weight[0]  # place and "empty"
+    for patch, cell in enumerate(cells.tolist()):
+        expected = per_cell[cell] if patch == centres[cell].item() else empty[cell]
+        torch.testing.assert_close(tokens[patch], expected)
+    (row,) = symbolic.train_symbolic(0.072, steps=1, eval_every=1, test_size=10, patches_per_side=8, centre_only=True)
+    assert row["centre_only"]
 
 
 def test_position_answers_class_every_short_answer_position_question():

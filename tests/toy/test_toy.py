@@ -112,7 +112,9 @@ def test_shipped_weights_come_from_the_training_scripts_defaults_within_45_minut
     # options added after the shipped run, at defaults that reproduce it (each has a test saying so)
     added_since = {"question_weights": "", "init_from": None, "vision_patch_labels": False,
                    "vision_scene_counts": False, "vision_shared_counts": False, "embed_std": None, "llm_init_std": None,
-                   "min_objects": 3, "easy_until": None, "llm_heads": None, "prompt_loss_weight": 0.0}
+                   "min_objects": 3, "easy_until": None, "llm_heads": None, "prompt_loss_weight": 0.0,
+                   "projector_steps": 0, "projector_lr": 2e-3, "freeze_projector": False,
+                   "projector_centre_only": False}
     recorded = {**{k: v for k, v in added_since.items() if k not in summary["args"]}, **summary["args"]}
     assert recorded == defaults
     assert summary["threads"] == 2 and summary["train_seconds"] < 45 * 60
