@@ -12,13 +12,14 @@ with the LLM. The codes are discarded.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
-from qapframe.data.synthetic import COLOURS, POSITIONS, SHAPES, make_record
-from qapframe.toy.vision_pretrain import cell_centre_patches, cell_labels, patch_cells, patch_features
+from qapframe.data.synthetic import COLOURS, POSITIONS, SHAPES
+from qapframe.toy.vision_pretrain import (
+    cell_centre_patches, cell_labels, patch_cells, patch_features, pretraining_batches,
+)
 
 # Stage-0b images come from their own index range of the train split, apart from stages 0 and 1 and the probes.
 RECORD_OFFSET = 30_000_000
@@ -62,15 +63,10 @@ def pretrain_projector(model, processor, steps: int, batch_size: int, lr: float,
     sizes = model.config.vision_config.image_size, model.config.vision_config.patch_size
     cells = patch_cells(*sizes)
     centres = cell_centre_patches(*sizes) if centre_only else None
-    warmup = max(1, steps // 10)
     start = time.time()
     stats: dict[str, float] = {}
-    for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        records = [make_record(data_seed, "train", RECORD_OFFSET + step * batch_size + i) for i in range(batch_size)]
-        pixels = processor.image_processor([r.image for r in records], return_tensors="pt")["pixel_values"]
+    for step, records, pixels in pretraining_batches(processor, optimizer, lr, steps, batch_size, data_seed,
+                                                     RECORD_OFFSET):
         with torch.no_grad():
             features = patch_features(model, pixels)  # [B, N, D_vision]
         target = target_tokens(records, cells, codes, centres)

@@ -85,6 +85,19 @@ def cell_shared_counts(records) -> tuple[torch.Tensor, torch.Tensor]:
     return same_colour, same_shape
 
 
+def pretraining_batches(processor, optimizer, lr: float, steps: int, batch_size: int, data_seed: int, offset: int):
+    """Yield ``(step, records, pixel_values)`` for each pretraining step, after setting ``optimizer``'s learning
+    rate (linear warm-up over the first tenth of the steps, then cosine decay); the images are train-split records
+    from index ``offset`` on, so that each pretraining stage draws its own."""
+    warmup = max(1, steps // 10)
+    for step in range(steps):
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        records = [make_record(data_seed, "train", offset + step * batch_size + i) for i in range(batch_size)]
+        yield step, records, processor.image_processor([r.image for r in records], return_tensors="pt")["pixel_values"]
+
+
 def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """Patch features ``[B, N, D]`` of the layer LLaVA projects (``vision_feature_layer``), CLS dropped."""
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
@@ -122,16 +135,11 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     cells = patch_cells()
     pool = cell_pooling(cells)
-    warmup = max(1, steps // 10)
     start = time.time()
     stats: dict[str, float] = {}
     ce = torch.nn.functional.cross_entropy
-    for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        records = [make_record(data_seed, "train", RECORD_OFFSET + step * batch_size + i) for i in range(batch_size)]
-        pixels = processor.image_processor([r.image for r in records], return_tensors="pt")["pixel_values"]
+    for step, records, pixels in pretraining_batches(processor, optimizer, lr, steps, batch_size, data_seed,
+                                                     RECORD_OFFSET):
         features = patch_features(model, pixels)  # [B, N, D]
         logits = head(pool @ features)  # [B, 9, n_colour + n_shape]
         position_logits = position_head(features)  # [B, N, 9]
@@ -178,4 +186,4 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
 
 
 __all__ = ["cell_centre_patches", "cell_labels", "cell_pooling", "cell_shared_counts", "patch_cells", "patch_features",
-           "pretrain_vision", "scene_counts"]
+           "pretrain_vision", "pretraining_batches", "scene_counts"]
