@@ -35,7 +35,7 @@ from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
 from qapframe.toy.model import EOS_ID, PATCH_SIZE, build_config, build_tokenizer, check_llm_heads, redraw_llm_weights
 from qapframe.toy.train import lr_at, question_type_weights, training_records
-from qapframe.toy.vision_pretrain import cell_centre_patches, cell_shared_counts, patch_cells
+from qapframe.toy.vision_pretrain import cell_shared_counts, off_centre_patches, patch_cells
 
 EMPTY = 0
 
@@ -58,8 +58,7 @@ class SymbolicScene(torch.nn.Module):
             raise ValueError(f"--patches-per-side: must be >= 3 (one token a cell), got {patches_per_side}")
         layout = patch_cells(image_size=patches_per_side * PATCH_SIZE)  # the grid cell under each patch
         self.register_buffer("layout", layout, persistent=False)
-        off_centre = torch.full((len(layout),), centre_only)  # patches that show their place and "empty" only
-        off_centre[cell_centre_patches(image_size=patches_per_side * PATCH_SIZE)] = False
+        off_centre = off_centre_patches(image_size=patches_per_side * PATCH_SIZE) & centre_only  # place and "empty"
         self.register_buffer("off_centre", off_centre, persistent=False)
         self.place = torch.nn.Embedding(len(POSITIONS), width)
         self.colour = torch.nn.Embedding(1 + len(COLOURS), width)

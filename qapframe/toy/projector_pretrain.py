@@ -18,7 +18,7 @@ import torch
 
 from qapframe.data.synthetic import COLOURS, POSITIONS, SHAPES
 from qapframe.toy.vision_pretrain import (
-    cell_centre_patches, cell_labels, patch_cells, patch_features, pretraining_batches,
+    cell_labels, off_centre_patches, patch_cells, patch_features, pretraining_batches,
 )
 
 # Stage-0b images come from their own index range of the train split, apart from stages 0 and 1 and the probes.
@@ -33,17 +33,15 @@ def symbolic_codes(width: int, seed: int, std: float = 1.0) -> dict[str, torch.T
 
 
 def target_tokens(records, cells: torch.Tensor, codes: dict[str, torch.Tensor],
-                  centres: torch.Tensor | None = None) -> torch.Tensor:
+                  off_centre: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, N, W]``: each patch's target, the codes of its cell's place, colour and shape summed.
 
-    ``centres`` (``[9]`` patch indices, `cell_centre_patches`): only these patches carry their cell's colour and
-    shape, every other patch its place and "empty", so that each object is one token, as on nine-token scenes.
+    ``off_centre`` (``[N]`` bool, `off_centre_patches`): these patches show only their place and "empty", so
+    that each object is one token, its cell's centre patch, as on nine-token scenes.
     """
     colour, shape = cell_labels(records)  # [B, 9]
     patch_colour, patch_shape = colour[:, cells], shape[:, cells]  # [B, N]
-    if centres is not None:
-        off_centre = torch.ones(len(cells), dtype=torch.bool)
-        off_centre[centres] = False
+    if off_centre is not None:
         patch_colour, patch_shape = patch_colour.masked_fill(off_centre, 0), patch_shape.masked_fill(off_centre, 0)
     return codes["place"][cells] + codes["colour"][patch_colour] + codes["shape"][patch_shape]
 
@@ -62,14 +60,14 @@ def pretrain_projector(model, processor, steps: int, batch_size: int, lr: float,
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sizes = model.config.vision_config.image_size, model.config.vision_config.patch_size
     cells = patch_cells(*sizes)
-    centres = cell_centre_patches(*sizes) if centre_only else None
+    off_centre = off_centre_patches(*sizes) if centre_only else None
     start = time.time()
     stats: dict[str, float] = {}
     for step, records, pixels in pretraining_batches(processor, optimizer, lr, steps, batch_size, data_seed,
                                                      RECORD_OFFSET):
         with torch.no_grad():
             features = patch_features(model, pixels)  # [B, N, D_vision]
-        target = target_tokens(records, cells, codes, centres)
+        target = target_tokens(records, cells, codes, off_centre)
         tokens = projector(features)  # [B, N, W]
         loss = torch.nn.functional.mse_loss(tokens, target)
         optimizer.zero_grad(set_to_none=True)

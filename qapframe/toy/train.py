@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-batch-size", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--projector-steps", type=int, default=0,
-                   help="stage 0b: projector pretraining steps, mapping each patch onto fixed codes of its cell's "
-                        "place, colour and shape (0: the projector learns through the LLM only)")
+                   help="stage 0b: projector pretraining steps (batches of --vision-batch-size images), mapping each "
+                        "patch onto fixed codes of its cell's place, colour and shape (0: the projector learns "
+                        "through the LLM only)")
     p.add_argument("--projector-lr", type=float, default=2e-3)
     p.add_argument("--projector-centre-only", action=argparse.BooleanOptionalAction, default=False,
                    help="stage 0b: only each cell's centre patch carries its object's codes, so an object is one token")

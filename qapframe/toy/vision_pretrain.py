@@ -44,6 +44,13 @@ def cell_centre_patches(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SI
     return torch.tensor([nearest[row] * side + nearest[col] for row in range(3) for col in range(3)])
 
 
+def off_centre_patches(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """``[N]`` bool, row-major: True for every patch that is not its cell's centre patch (`cell_centre_patches`)."""
+    off_centre = torch.ones((image_size // patch_size) ** 2, dtype=torch.bool)
+    off_centre[cell_centre_patches(image_size, patch_size)] = False
+    return off_centre
+
+
 def cell_pooling(cells: torch.Tensor) -> torch.Tensor:
     """``[9, N]`` row-stochastic matrix: row c averages the patches of grid cell c."""
     pool = torch.nn.functional.one_hot(cells, len(POSITIONS)).T.float()
@@ -185,5 +192,5 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, da
     return stats
 
 
-__all__ = ["cell_centre_patches", "cell_labels", "cell_pooling", "cell_shared_counts", "patch_cells", "patch_features",
-           "pretrain_vision", "pretraining_batches", "scene_counts"]
+__all__ = ["cell_centre_patches", "cell_labels", "cell_pooling", "cell_shared_counts", "off_centre_patches", "patch_cells",
+           "patch_features", "pretrain_vision", "pretraining_batches", "scene_counts"]

@@ -39,12 +39,12 @@ def test_each_patch_target_is_its_cells_place_colour_and_shape_codes_summed():
 
 
 def test_centre_only_targets_keep_each_object_on_its_cells_centre_patch():
-    from qapframe.toy.vision_pretrain import cell_centre_patches
+    from qapframe.toy.vision_pretrain import cell_centre_patches, off_centre_patches
 
     codes = symbolic_codes(16, seed=0)
     records = [make_record(0, "train", i) for i in range(3)]
     cells, centres = patch_cells(), cell_centre_patches()
-    full, centred = target_tokens(records, cells, codes), target_tokens(records, cells, codes, centres)
+    full, centred = target_tokens(records, cells, codes), target_tokens(records, cells, codes, off_centre_patches())
     empty = codes["place"][cells] + codes["colour"][0] + codes["shape"][0]  # [N, W]: place and "empty"
     for patch in range(len(cells)):
         expected = full[:, patch] if patch in centres.tolist() else empty[patch].expand(3, -1)

@@ -25,13 +25,15 @@ def test_each_cell_holds_the_patches_whose_centres_lie_in_it():
 
 
 def test_each_cells_centre_patch_is_the_patch_nearest_its_centre():
-    from qapframe.toy.vision_pretrain import cell_centre_patches
+    from qapframe.toy.vision_pretrain import cell_centre_patches, off_centre_patches
 
     assert cell_centre_patches(48, 16).tolist() == list(range(9))  # one patch a cell
     # 64 px in 8-px patches: cell centres at 10.7, 32 and 53.3 px; nearest patch columns 1, 3 (tie 3/4: first), 6
     assert cell_centre_patches(64, 8).tolist() == [r * 8 + c for r in (1, 3, 6) for c in (1, 3, 6)]
     centres = cell_centre_patches()
     assert patch_cells()[centres].tolist() == list(range(9))  # each lies in its own cell
+    off_centre = off_centre_patches()
+    assert off_centre.sum().item() == NUM_VISION_TOKENS - 9 and not off_centre[centres].any()
 
 
 def test_cell_pooling_is_the_plain_mean_of_each_cells_patches():
