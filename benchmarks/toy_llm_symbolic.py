@@ -13,7 +13,8 @@ the LLM's initialisation sets the pace. Accuracy is teacher-forced exact match o
 classes the position answers (`position_answers`). ``--prompt-loss-weight`` trains on the question text
 too, ``--patches-per-side`` lays the scene out as the toy's patch tokens instead of one token a cell
 (``--centre-only``: an object on its cell's centre patch alone), ``--frozen-scene`` keeps the scene
-embeddings at their random start (fixed codes, as the toy's stage 0b emits).
+embeddings at their random start (fixed codes, as the toy's stage 0b emits), ``--nine-token-steps`` first
+trains on one token a cell and then moves to the patch layout (the toy's stage 0c, then stage 1).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
                    shared_counts: bool = False, min_objects: int = MIN_OBJECTS,
                    easy_until: int | None = None, batch_size: int = 48,
                    prompt_loss_weight: float = 0.0, patches_per_side: int = 3, position_test: int = 0,
-                   frozen_scene: bool = False, centre_only: bool = False) -> list[dict]:
+                   frozen_scene: bool = False, centre_only: bool = False, nine_token_steps: int = 0) -> list[dict]:
     """Train the toy's LLM on symbolic scenes as `qapframe.toy.train` trains it; one row per evaluation.
 
     ``lr``, ``heads`` (attention heads at the same width; None: the toy's), ``question_first`` (the prompt
@@ -196,6 +197,9 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     last row. ``frozen_scene`` keeps the scene's embeddings at their random initial values, as fixed codes (what
     the toy's stage 0b makes its projector emit), instead of learning them with the LLM. ``centre_only``: in a
     patch layout only each cell's centre patch carries its object (the toy's ``--projector-centre-only``).
+    ``nine_token_steps`` > 0 first trains that many steps on the same scene tables laid out one token a cell,
+    then ``steps`` on the layout asked for, each phase with its own optimiser and schedule; every evaluation,
+    in either phase, reads the layout asked for (so the first phase's rows measure how the skills transfer).
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -213,46 +217,60 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
         raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
     if not prompt_loss_weight >= 0:
         raise ValueError(f"--prompt-loss-weight: must be a number >= 0, got {prompt_loss_weight}")
-    defaults = SimpleNamespace(lr=lr, warmup=100, steps=steps, batch_size=batch_size, weight_decay=0.05)
     scene.requires_grad_(not frozen_scene)
     params = [*llm.parameters(), *(() if frozen_scene else scene.parameters())]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": defaults.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=defaults.lr, betas=(0.9, 0.98))
     test = [make_record(0, "test", i) for i in range(test_size)]
-    easy_records = None if easy_until is None else easy_until * defaults.batch_size
+    easy_records = None if easy_until is None else easy_until * batch_size
     stream = training_records(0, question_type_weights(""), seed, min_objects, easy_records)  # the toy's stream
-    rows, start, running = [], time.time(), None
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, defaults)
-        batch = list(itertools.islice(stream, defaults.batch_size))
-        logits, y, prompt_y = batch_logits(llm, scene, tokenizer, batch, question_first)
-        flat = logits.reshape(-1, logits.shape[-1])
-        loss = torch.nn.functional.cross_entropy(flat, y.reshape(-1))
-        if prompt_loss_weight:
-            loss = loss + prompt_loss_weight * torch.nn.functional.cross_entropy(flat, prompt_y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads,
-                         "question_first": question_first, "shared_counts": shared_counts,
-                         "min_objects": min_objects, "easy_until": easy_until, "batch_size": batch_size,
-                         "prompt_loss_weight": prompt_loss_weight, "patches_per_side": patches_per_side,
-                         "frozen_scene": frozen_scene, "centre_only": centre_only,
-                         "step": step + 1, "loss": round(running, 4),
-                         "seconds": round(time.time() - start, 1),
-                         **accuracy_by_type(llm, scene, tokenizer, test, question_first)})
-            if step + 1 == steps and position_test:
-                position_records = [make_record(0, "test", i) for i in range(position_test)]
-                rows[-1]["position_answers"] = position_answers(llm, scene, tokenizer, position_records,
-                                                                question_first)
-            if on_eval is not None:
-                on_eval(rows[-1])
+    rows, start = [], time.time()
+    phases = [(scene, steps)]
+    if nine_token_steps:  # the same tables laid out one token a cell, trained first
+        nine = SymbolicScene(llm.config.hidden_size, shared_counts=shared_counts)
+        for name in ("place", "colour", "shape", "same_colour", "same_shape"):
+            if hasattr(scene, name):
+                setattr(nine, name, getattr(scene, name))
+        phases.insert(0, (nine, nine_token_steps))
+    for phase, (train_scene, phase_steps) in enumerate(phases):
+        # each phase its own optimiser and warm-up + cosine schedule, as separate training stages have
+        defaults = SimpleNamespace(lr=lr, warmup=100, steps=phase_steps, batch_size=batch_size, weight_decay=0.05)
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": defaults.weight_decay},
+             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+            lr=defaults.lr, betas=(0.9, 0.98))
+        running = None
+        done = sum(n for _, n in phases[:phase])
+        for step in range(phase_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, defaults)
+            batch = list(itertools.islice(stream, defaults.batch_size))
+            logits, y, prompt_y = batch_logits(llm, train_scene, tokenizer, batch, question_first)
+            flat = logits.reshape(-1, logits.shape[-1])
+            loss = torch.nn.functional.cross_entropy(flat, y.reshape(-1))
+            if prompt_loss_weight:
+                loss = loss + prompt_loss_weight * torch.nn.functional.cross_entropy(flat, prompt_y.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            last = phase + 1 == len(phases) and step + 1 == phase_steps
+            if (done + step + 1) % eval_every == 0 or step + 1 == phase_steps:  # and at the end of each phase
+                rows.append({"init_std": init_std, "lr": lr, "heads": config.num_attention_heads,
+                             "question_first": question_first, "shared_counts": shared_counts,
+                             "min_objects": min_objects, "easy_until": easy_until, "batch_size": batch_size,
+                             "prompt_loss_weight": prompt_loss_weight, "patches_per_side": patches_per_side,
+                             "frozen_scene": frozen_scene, "centre_only": centre_only,
+                             "nine_token_steps": nine_token_steps, "trained_on": "nine tokens"
+                             if train_scene is not scene else "layout",
+                             "step": done + step + 1, "loss": round(running, 4),
+                             "seconds": round(time.time() - start, 1),
+                             **accuracy_by_type(llm, scene, tokenizer, test, question_first)})
+                if last and position_test:
+                    position_records = [make_record(0, "test", i) for i in range(position_test)]
+                    rows[-1]["position_answers"] = position_answers(llm, scene, tokenizer, position_records,
+                                                                    question_first)
+                if on_eval is not None:
+                    on_eval(rows[-1])
     return rows
 
 
@@ -262,7 +280,9 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, nargs="+", default=[0.02, 0.072],
                         help="initial standard deviation of the LLM's weight matrices, one run each")
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (the toy's 1.5e-3)")
-    parser.add_argument("--heads", type=int, default=None, help="attention heads at the same width (the toy's 4)")
+    parser.add_argument("--heads", type=int, default=4,
+                        help="attention heads at the same width (4: the toy's LLM when this benchmark was written; "
+                             "the shipped toy now has 12)")
     parser.add_argument("--question-first", action="store_true",
                         help="the question before the scene tokens (USER: question <image> ASSISTANT:)")
     parser.add_argument("--shared-counts", action="store_true",
@@ -280,6 +300,8 @@ def main() -> None:
                         help="scene embeddings stay fixed random codes instead of being learned with the LLM")
     parser.add_argument("--centre-only", action="store_true",
                         help="with --patches-per-side > 3, only each cell's centre patch carries its object")
+    parser.add_argument("--nine-token-steps", type=int, default=0,
+                        help="first train this many steps on one token a cell, then --steps on the asked layout")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test", type=int, default=400, help="test-split questions per evaluation")
     parser.add_argument("--position-test", type=int, default=1000,
@@ -306,7 +328,7 @@ def main() -> None:
                        min_objects=args.min_objects, easy_until=args.easy_until, batch_size=args.batch_size,
                        prompt_loss_weight=args.prompt_loss_weight, patches_per_side=args.patches_per_side,
                        position_test=args.position_test, frozen_scene=args.frozen_scene,
-                       centre_only=args.centre_only)
+                       centre_only=args.centre_only, nine_token_steps=args.nine_token_steps)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ _VOCAB_SCAN = 3000
 
 # Sizes: a few million parameters, evaluation of ~200 questions in seconds on 2 CPU cores.
 VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
-TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=12)
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:

@@ -2,7 +2,12 @@
 
 Stage 0 (`qapframe.toy.vision_pretrain`) pretrains the CLIP vision tower on per-cell colour, shape and
 position, standing in for the pretrained CLIP encoder real LLaVA starts from; the tower is then frozen,
-as in LLaVA. Stage 1 trains projector and LLM with cross-entropy on the answer tokens only.
+as in LLaVA. Stage 0b (``--projector-steps``, `qapframe.toy.projector_pretrain`) teaches the projector alone
+to lay each patch out as fixed codes of its cell's place, colour and shape (optionally kept fixed after,
+``--freeze-projector``). Stage 0c (``--llm-pretrain-steps``, `qapframe.toy.llm_pretrain`) teaches the LLM
+the questions on ideal nine-token scenes made of those codes, where it learns to search and count fast.
+Stage 1 trains projector and LLM on the real images, with cross-entropy on the answer tokens and, weighted
+by ``--prompt-loss-weight``, on the question text after the image (its words depend on the scene).
 With probability ``--caption-prob`` an example is a caption instead of a question: the model lists
 every object (colour, shape, grid cell) in reading order. This is LLaVA's stage-1 feature-alignment
 task in miniature: every caption token needs the image, so the LLM learns to read vision tokens long
@@ -10,10 +15,7 @@ before the sparse question answers alone would teach it (without captions, train
 image-free answer prior for the first 1000 steps). Questions are what the model is evaluated on.
 With probability ``--drop-prob`` a question sees only a random, order-preserving subset of 10-100%
 of its vision tokens, as LLaVA models tolerate pruning because their tokens overlap in content.
-``--prompt-loss-weight`` and ``--llm-heads`` are training experiments (README): a loss on the question
-text as well as the answer, and more attention heads at the same width. So is stage 0b
-(``--projector-steps``, `qapframe.toy.projector_pretrain`): the projector first learns to lay each patch
-out as fixed codes of its cell's place, colour and shape, optionally kept fixed after (``--freeze-projector``).
+The README says what each choice bought, measured.
 Training data are fresh synthetic records (never the test split), so there is no overfitting to a
 fixed set; everything is seeded, and the result is saved with ``save_pretrained``.
 """
@@ -40,10 +42,16 @@ from qapframe.eval.metrics import RecordOutcome, accuracy_by_type
 from qapframe.toy import TOY_PATH, load_toy
 from qapframe.toy.evaluate import accuracy, answer, prompt_ids, sequence_embeds, split_at_image, vision_tokens
 from qapframe.toy.model import (
-    CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, PAD_ID, build_model, build_processor, build_tokenizer, check_llm_heads,
+    CAPTION_PROMPT, EOS_ID, NUM_VISION_TOKENS, PAD_ID, TEXT, build_model, build_processor, build_tokenizer,
+    check_llm_heads,
 )
+from qapframe.toy.llm_pretrain import pretrain_llm
 from qapframe.toy.projector_pretrain import pretrain_projector
 from qapframe.toy.vision_pretrain import pretrain_vision
+
+
+# What a fresh model gets where these options are left out (`resolve_recipe_defaults`); README: why each.
+FRESH_RECIPE = {"projector_steps": 300, "llm_pretrain_steps": 1000, "llm_init_std": 0.072}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,14 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from a saved toy (a --out directory, or 'toy' for the shipped one) instead of a "
                         "fresh model; its vision tower stays frozen and stage 0 is skipped")
     p.add_argument("--embed-std", type=float, default=None,
-                   help="initial standard deviation of the LLM's word embeddings (default: LLaMA's 0.02)")
+                   help="initial standard deviation of the LLM's word embeddings alone (default: --llm-init-std's)")
     p.add_argument("--llm-init-std", type=float, default=None,
-                   help="initial standard deviation of every LLM weight matrix (default: LLaMA's 0.02)")
+                   help=f"initial standard deviation of every LLM weight matrix (default for a fresh model without "
+                        f"--embed-std: {FRESH_RECIPE['llm_init_std']}, about 1/sqrt(width); LLaMA's is 0.02)")
     p.add_argument("--llm-heads", type=int, default=None,
-                   help="attention heads of the LLM at the same width (default: the toy's 4)")
-    p.add_argument("--vision-steps", type=int, default=300,
+                   help=f"attention heads of the LLM at the same width (default: the toy's {TEXT['num_attention_heads']})")
+    p.add_argument("--vision-steps", type=int, default=600,
                    help="stage 0: vision-tower pretraining steps (0 trains the tower through the LLM instead)")
-    p.add_argument("--vision-patch-labels", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--vision-patch-labels", action=argparse.BooleanOptionalAction, default=True,
                    help="stage 0: every patch alone must also name its cell's colour and shape")
     p.add_argument("--vision-scene-counts", action=argparse.BooleanOptionalAction, default=False,
                    help="stage 0: every patch must also give the scene's object count per colour and per shape")
@@ -70,23 +79,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stage 0: every patch must also give how many objects share its cell's colour and its shape")
     p.add_argument("--vision-batch-size", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
-    p.add_argument("--projector-steps", type=int, default=0,
+    p.add_argument("--projector-steps", type=int, default=None,
                    help="stage 0b: projector pretraining steps (batches of --vision-batch-size images), mapping each "
                         "patch onto fixed codes of its cell's place, colour and shape (0: the projector learns "
-                        "through the LLM only)")
+                        f"through the LLM only; default: {FRESH_RECIPE['projector_steps']} for a fresh model, "
+                        "0 with --init-from)")
     p.add_argument("--projector-lr", type=float, default=2e-3)
     p.add_argument("--projector-centre-only", action=argparse.BooleanOptionalAction, default=False,
                    help="stage 0b: only each cell's centre patch carries its object's codes, so an object is one token")
     p.add_argument("--freeze-projector", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the projector fixed in stage 1, so the LLM reads the tokens stage 0b laid out")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--llm-pretrain-steps", type=int, default=None,
+                   help="stage 0c: LLM steps (questions only, no token dropping) on ideal nine-token scenes made of "
+                        f"stage 0b's codes, before stage 1 moves it to the real tokens (0: none; default: "
+                        f"{FRESH_RECIPE['llm_pretrain_steps']} where stage 0b runs, else 0)")
+    p.add_argument("--steps", type=int, default=1250)
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--drop-prob", type=float, default=0.5, help="probability that an example drops vision tokens")
     p.add_argument("--min-keep", type=float, default=0.1, help="smallest kept fraction when dropping")
-    p.add_argument("--prompt-loss-weight", type=float, default=0.0,
+    p.add_argument("--prompt-loss-weight", type=float, default=1.0,
                    help="weight of a language-model loss on the prompt text after the image (the question "
                         "words), added to the answer loss; 0 trains on answers only")
     p.add_argument("--caption-prob", type=float, default=0.3, help="probability that an example is a caption")
@@ -111,17 +125,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "of this script or 'toy'")
     for flag, std in (("--embed-std", args.embed_std), ("--llm-init-std", args.llm_init_std)):
         if std is not None and not std > 0:
-            p.error(f"{flag}: must be a number > 0 (or left out for LLaMA's 0.02), got {std}")
+            p.error(f"{flag}: must be a number > 0 (or left out for the toy's default), got {std}")
         if std is not None and args.init_from is not None:
             p.error(f"{flag}: only a fresh model is initialised; --init-from continues a trained one")
-    if args.projector_steps < 0:
+    if args.projector_steps is not None and args.projector_steps < 0:
         p.error(f"--projector-steps: must be a number of steps >= 0, got {args.projector_steps}")
     if args.projector_steps and args.init_from is not None:
         p.error("--projector-steps: only a fresh model's projector is pretrained; --init-from continues a trained one")
-    if args.projector_centre_only and not args.projector_steps:
-        p.error("--projector-centre-only: needs --projector-steps > 0 (it shapes stage 0b's targets)")
-    if args.freeze_projector and not args.projector_steps:
-        p.error("--freeze-projector: needs --projector-steps > 0 (an untrained projector would stay random)")
+    if args.llm_pretrain_steps is not None and args.llm_pretrain_steps < 0:
+        p.error(f"--llm-pretrain-steps: must be a number of steps >= 0, got {args.llm_pretrain_steps}")
     if args.llm_heads is not None and args.init_from is not None:
         p.error("--llm-heads: only a fresh model is built; --init-from continues a trained one")
     if args.llm_heads is not None:
@@ -133,6 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--prompt-loss-weight: must be a number >= 0, got {args.prompt_loss_weight}")
     if args.llm_init_std is not None and args.embed_std is not None:
         p.error("--llm-init-std: redraws the word embeddings too; give it or --embed-std, not both")
+    resolve_recipe_defaults(args)
+    if args.llm_pretrain_steps and not args.projector_steps:
+        p.error("--llm-pretrain-steps: needs --projector-steps > 0 (the scenes are made of stage 0b's codes)")
+    if args.freeze_projector and not args.projector_steps:
+        p.error("--freeze-projector: needs --projector-steps > 0 (an untrained projector would stay random)")
+    if args.projector_centre_only and not args.projector_steps:
+        p.error("--projector-centre-only: needs --projector-steps > 0 (it shapes stage 0b's targets)")
     if not 1 <= args.min_objects <= MAX_OBJECTS:
         p.error(f"--min-objects: must be in 1..{MAX_OBJECTS}, got {args.min_objects}")
     if args.easy_until is not None and args.easy_until < 0:
@@ -142,6 +161,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         p.error(f"--question-weights: {error}")
     return args
+
+
+def resolve_recipe_defaults(args: argparse.Namespace) -> None:
+    """Fill the options left out (None) with the toy's recipe for a fresh model, and with "skip" for
+    ``--init-from``, whose model went through its stages already. Why not argparse defaults: an option given
+    explicitly is checked against ``--init-from`` and ``--embed-std``; a default must not trip those checks."""
+    fresh = args.init_from is None
+    if args.projector_steps is None:
+        args.projector_steps = FRESH_RECIPE["projector_steps"] if fresh else 0
+    if args.llm_pretrain_steps is None:
+        args.llm_pretrain_steps = FRESH_RECIPE["llm_pretrain_steps"] if args.projector_steps else 0
+    if fresh and args.llm_init_std is None and args.embed_std is None:
+        args.llm_init_std = FRESH_RECIPE["llm_init_std"]
+    if fresh and args.llm_heads is None:
+        args.llm_heads = TEXT["num_attention_heads"]
 
 
 def question_type_weights(text: str) -> dict[str, float]:
@@ -215,8 +249,12 @@ def batch_loss(model, processor, records, rng: random.Random, args) -> torch.Ten
     scene has), so predicting them is a dense search-by-attribute exercise (README: it is what taught the
     LLM to search on ideal symbolic scenes).
     """
-    tokenizer = processor.tokenizer
     vision = vision_tokens(model, processor, [r.image for r in records])  # [B, N, D]
+    return conversation_loss(model, processor.tokenizer, records, vision, rng, args)
+
+
+def conversation_loss(model, tokenizer, records, vision: torch.Tensor, rng: random.Random, args) -> torch.Tensor:
+    """`batch_loss` on given image tokens ``vision [B, N, D]``, one row per record, put where ``<image>`` is."""
     n = vision.shape[1]
     caption_ids = split_at_image(tokenizer, CAPTION_PROMPT)
     rows, row_kinds, row_ids = [], [], []
@@ -296,6 +334,15 @@ def main(argv: list[str] | None = None) -> dict:
         vision_stats.update(pretrain_projector(model, processor, args.projector_steps, args.vision_batch_size,
                                                args.projector_lr, args.data_seed, args.seed,
                                                centre_only=args.projector_centre_only))
+    if args.llm_pretrain_steps:
+        stage_args = argparse.Namespace(**{**vars(args), "caption_prob": 0.0, "drop_prob": 0.0, "questions_per_image": 1})
+        stage_rng = random.Random(f"qapframe-toy-llm-pretrain:{args.seed}")  # leaves stage 1's draws as they were
+        vision_stats.update(pretrain_llm(
+            model, args.llm_pretrain_steps, args.batch_size, args.lr, args.warmup, args.weight_decay, args.data_seed,
+            args.seed, lambda records, scenes: conversation_loss(model, processor.tokenizer, records, scenes,
+                                                                 stage_rng, stage_args), lr_at))
+        if args.eval_every:
+            print(f"  eval after stage 0c: {evaluate(model, processor, args.eval_size, args.data_seed)}", flush=True)
     if args.freeze_projector:
         model.model.multi_modal_projector.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]

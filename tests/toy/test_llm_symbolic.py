@@ -218,3 +218,22 @@ def test_position_answers_class_every_short_answer_position_question():
     expected = {"top left": "correct", "center": "same colour", "bottom": "same shape", "right": "other object",
                 "left": "empty cell"}
     assert {place: symbolic.position_answer_kind(record, place) for place in expected} == expected
+
+
+def test_nine_token_phase_trains_one_token_a_cell_on_the_shared_tables_then_the_asked_layout(monkeypatch):
+    seen = []
+    real = symbolic.batch_logits
+
+    def recording(llm, scene, tokenizer, records, question_first=False):
+        seen.append((torch.is_grad_enabled(), scene(records[0]).shape[0]))
+        return real(llm, scene, tokenizer, records, question_first)
+
+    monkeypatch.setattr(symbolic, "batch_logits", recording)
+    rows = symbolic.train_symbolic(0.072, steps=2, eval_every=2, test_size=4, patches_per_side=8,
+                                   nine_token_steps=3, position_test=0)
+    training = [tokens for grad, tokens in seen if grad]
+    assert training == [9, 9, 9, 64, 64]  # three steps on nine tokens, then two on the 64 patches
+    assert {tokens for grad, tokens in seen if not grad} == {64}  # every evaluation reads the asked layout
+    assert [(r["step"], r["trained_on"]) for r in rows] == [
+        (2, "nine tokens"), (3, "nine tokens"), (4, "layout"), (5, "layout")]  # every 2 steps and at each phase's end
+    assert all(r["nine_token_steps"] == 3 for r in rows)

@@ -80,8 +80,8 @@ def _projector(out) -> dict[str, torch.Tensor]:
 
 
 def test_freeze_projector_keeps_stage_0b_weights_through_stage_1(tmp_path):
-    tiny = ["--vision-steps", "1", "--vision-batch-size", "2", "--projector-steps", "2", "--eval-every", "0",
-            "--final-eval-size", "2", "--batch-size", "2", "--threads", "1"]
+    tiny = ["--vision-steps", "1", "--vision-batch-size", "2", "--projector-steps", "2", "--llm-pretrain-steps", "0",
+            "--eval-every", "0", "--final-eval-size", "2", "--batch-size", "2", "--threads", "1"]
     main(["--out", str(tmp_path / "stage0b"), *tiny, "--steps", "0"])
     main(["--out", str(tmp_path / "frozen"), *tiny, "--steps", "2", "--freeze-projector"])
     main(["--out", str(tmp_path / "trained"), *tiny, "--steps", "2"])
@@ -95,8 +95,8 @@ def test_freeze_projector_keeps_stage_0b_weights_through_stage_1(tmp_path):
 def test_bad_projector_flags_are_refused_naming_the_flag(capsys):
     for flags, expected in [(["--projector-steps", "-1"], "--projector-steps: must be a number of steps >= 0, got -1"),
                             (["--projector-steps", "5", "--init-from", "toy"], "--projector-steps: only a fresh model"),
-                            (["--freeze-projector"], "--freeze-projector: needs --projector-steps > 0"),
-                            (["--projector-centre-only"], "--projector-centre-only: needs --projector-steps > 0")]:
+                            (["--freeze-projector", "--projector-steps", "0"], "--freeze-projector: needs --projector-steps > 0"),
+                            (["--projector-centre-only", "--projector-steps", "0"], "--projector-centre-only: needs --projector-steps > 0")]:
         with pytest.raises(SystemExit):
             parse_args(["--out", "unused", *flags])
         assert expected in capsys.readouterr().err

@@ -47,15 +47,15 @@ def test_loads_as_a_real_llava(toy):
 
 
 def test_answers_come_from_the_image(toy, records, dense_predictions):
-    """The shipped toy is far above what it answers for blank images (1000 test records: 65.3% against
-    31.6%, see training_summary.json). The issue's target of 90% is not reached yet; see the README."""
+    """The shipped toy is far above what it answers for blank images (1000 test records: 91.5% against
+    25.4%, see training_summary.json), and near its 90% target on this sample too."""
     model, processor = toy
     blank = accuracy(answer(model, processor, records, batch_size=25, images=[blank_image()] * SAMPLE), records)
-    assert accuracy(dense_predictions, records) >= blank + 0.2
+    assert accuracy(dense_predictions, records) >= max(blank + 0.5, 0.85)
 
 
 def test_reads_colour_and_shape_off_the_image(toy, records, dense_predictions):
-    """Questions that look up one object by its place are solved (96% / 95% on 1000 test records)."""
+    """Questions that look up one object by its place are solved (100% / 100% on 1000 test records)."""
     pairs = [(p, r) for p, r in zip(dense_predictions, records) if r.meta["type"] in ("colour", "shape")]
     assert len(pairs) >= 15 and accuracy(*zip(*pairs)) >= 0.85
 
@@ -109,15 +109,12 @@ def test_shipped_weights_come_from_the_training_scripts_defaults_within_45_minut
 
     summary = json.loads((TOY_PATH / "training_summary.json").read_text())
     defaults = vars(parse_args(["--out", summary["args"]["out"]]))
-    # options added after the shipped run, at defaults that reproduce it (each has a test saying so)
-    added_since = {"question_weights": "", "init_from": None, "vision_patch_labels": False,
-                   "vision_scene_counts": False, "vision_shared_counts": False, "embed_std": None, "llm_init_std": None,
-                   "min_objects": 3, "easy_until": None, "llm_heads": None, "prompt_loss_weight": 0.0,
-                   "projector_steps": 0, "projector_lr": 2e-3, "freeze_projector": False,
-                   "projector_centre_only": False}
+    # options added after the shipped run, at defaults that reproduce it (each has a test saying so); none yet
+    added_since: dict[str, object] = {}
     recorded = {**{k: v for k, v in added_since.items() if k not in summary["args"]}, **summary["args"]}
     assert recorded == defaults
     assert summary["threads"] == 2 and summary["train_seconds"] < 45 * 60
+    assert summary["eval_records"] == 1000 and summary["test_accuracy"] >= 0.9  # the issue's target, as measured
 
 
 def test_degeneracy_check_reports_both_axes_and_why(toy):

@@ -30,7 +30,8 @@ def test_batch_loss_is_the_answer_token_cross_entropy():
     processor = build_processor()
     model = build_model(len(processor.tokenizer), seed=0).eval()
     record = make_record(0, "train", 7)
-    args = parse_args(["--out", "unused", "--caption-prob", "0", "--drop-prob", "0", "--questions-per-image", "1"])
+    args = parse_args(["--out", "unused", "--caption-prob", "0", "--drop-prob", "0", "--questions-per-image", "1",
+                       "--prompt-loss-weight", "0"])
     with torch.no_grad():
         loss = batch_loss(model, processor, [record], random.Random(0), args)
         from qapframe.data.prompts import build_prompt
@@ -54,7 +55,8 @@ def test_multi_turn_loss_is_the_cross_entropy_of_every_answer_of_the_conversatio
     processor = build_processor()
     model = build_model(len(processor.tokenizer), seed=0).eval()
     record = make_record(0, "train", 11)
-    args = parse_args(["--out", "unused", "--caption-prob", "0", "--drop-prob", "0", "--questions-per-image", "3"])
+    args = parse_args(["--out", "unused", "--caption-prob", "0", "--drop-prob", "0", "--questions-per-image", "3",
+                       "--prompt-loss-weight", "0"])
     turns = [record, *follow_up_questions(record, 2, args.data_seed)]
     assert len({t.question + str(t.choices) for t in turns}) > 1 and all(t.image is record.image for t in turns)
     text = "".join(
@@ -199,7 +201,8 @@ def test_fresh_run_with_scaled_embeddings_and_scene_counts(tmp_path):
 
     out = tmp_path / "run"
     main(["--out", str(out), "--embed-std", "1.0", "--vision-scene-counts", "--vision-shared-counts",
-          "--vision-steps", "1", "--vision-batch-size", "2", "--steps", "0", "--eval-every", "0", "--final-eval-size", "2"])
+          "--vision-steps", "1", "--vision-batch-size", "2", "--projector-steps", "0", "--steps", "0", "--eval-every", "0",
+          "--final-eval-size", "2"])
     embeddings = load_file(out / "model.safetensors")["language_model.model.embed_tokens.weight"]  # saved layout
     assert abs(embeddings[1:].std().item() - 1.0) < 0.05
     summary = json.loads((out / "training_summary.json").read_text())
@@ -237,7 +240,8 @@ def test_prompt_loss_adds_the_weighted_cross_entropy_of_the_question_text():
     record = make_record(0, "train", 7)
     flags = ["--out", "unused", "--caption-prob", "0", "--drop-prob", "0"]
     with torch.no_grad():
-        answer_only = batch_loss(model, processor, [record], random.Random(0), parse_args(flags))
+        answer_only = batch_loss(model, processor, [record], random.Random(0),
+                                 parse_args([*flags, "--prompt-loss-weight", "0"]))
         weighted = batch_loss(model, processor, [record], random.Random(0),
                               parse_args([*flags, "--prompt-loss-weight", "0.5"]))
         inputs = processor(images=[record.image], text=[build_prompt(record)], return_tensors="pt")
