@@ -68,6 +68,15 @@ def test_shipped_specs_load_by_name_and_by_repository_path():
     assert "built-in: " in problems["(file)"]
 
 
+def test_static_w4a4_spec_is_the_paper_grid_under_per_tensor_activation_ranges():
+    static, dynamic = load_spec("qapruner_static_w4a4"), load_spec("qapruner")
+    runs, reference = static.expand(), dynamic.expand()
+    assert len(runs) == len(reference) - 1  # the same grid, less the GPTQ dense baseline
+    quantized = [r.quantizer for r in runs if r.quantizer is not None]
+    assert quantized and all(q.model_extra.get("act_dynamic") is False and q.model_extra.get("act_symmetric") is True
+                             for q in quantized)
+
+
 def test_yaml_round_trip_is_lossless(tmp_path):
     spec = load_spec(
         {
