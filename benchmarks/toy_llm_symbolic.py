@@ -35,7 +35,8 @@ from qapframe.data.synthetic import COLOURS, MAX_OBJECTS, MIN_OBJECTS, POSITIONS
 from qapframe.eval.results import write_json_atomically
 from qapframe.toy.evaluate import split_at_image
 from qapframe.toy.model import EOS_ID, PATCH_SIZE, build_config, build_tokenizer, check_llm_heads, redraw_llm_weights
-from qapframe.toy.train import lr_at, question_type_weights, training_records
+from qapframe.toy.optim import lr_at, toy_adamw
+from qapframe.toy.train import question_type_weights, training_records
 from qapframe.toy.vision_pretrain import cell_shared_counts, off_centre_patches, patch_cells
 
 EMPTY = 0
@@ -233,10 +234,7 @@ def train_symbolic(init_std: float, steps: int, eval_every: int, test_size: int,
     for phase, (train_scene, phase_steps) in enumerate(phases):
         # each phase its own optimiser and warm-up + cosine schedule, as separate training stages have
         defaults = SimpleNamespace(lr=lr, warmup=100, steps=phase_steps, batch_size=batch_size, weight_decay=0.05)
-        optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": defaults.weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=defaults.lr, betas=(0.9, 0.98))
+        optimizer = toy_adamw(params, defaults.lr, defaults.weight_decay)
         running = None
         done = sum(n for _, n in phases[:phase])
         for step in range(phase_steps):

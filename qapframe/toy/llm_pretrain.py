@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from qapframe.data.synthetic import make_record
+from qapframe.toy.optim import lr_at, toy_adamw
 from qapframe.toy.projector_pretrain import symbolic_codes, target_tokens
 
 # Stage-0c records come from their own index range of the train split, apart from the other stages and the probes.
@@ -32,19 +33,17 @@ def code_scenes(records, codes: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.enable_grad()  # training, whatever grad mode the caller left on
 def pretrain_llm(model, steps: int, batch_size: int, lr: float, warmup: int, weight_decay: float, data_seed: int,
-                 seed: int, loss_fn: Callable[[list, torch.Tensor], torch.Tensor], lr_at: Callable,
+                 seed: int, loss_fn: Callable[[list, torch.Tensor], torch.Tensor],
                  log_every: int = 50) -> dict[str, float]:
     """Train ``model``'s LLM (word embeddings, decoder, LM head) in place on nine-token code scenes.
 
-    ``loss_fn(records, scene_tokens)`` is stage 1's loss on given image tokens; ``lr_at(step, schedule)`` its
-    schedule. Tower and projector stay as they are. Returns the last logged loss and the time taken.
+    ``loss_fn(records, scene_tokens)`` is stage 1's loss on given image tokens; optimiser and schedule are
+    stage 1's too (`qapframe.toy.optim`). Tower and projector stay as they are. Returns the last logged loss and
+    the time taken.
     """
     codes = symbolic_codes(model.config.text_config.hidden_size, seed)  # the very codes stage 0b fitted
     params = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98))
+    optimizer = toy_adamw(params, lr, weight_decay)
     schedule = SimpleNamespace(lr=lr, warmup=warmup, steps=steps)
     records = (make_record(data_seed, "train", RECORD_OFFSET + i) for i in itertools.count())
     start, running = time.time(), None

@@ -46,6 +46,7 @@ from qapframe.toy.model import (
     check_llm_heads,
 )
 from qapframe.toy.llm_pretrain import pretrain_llm
+from qapframe.toy.optim import lr_at, toy_adamw
 from qapframe.toy.projector_pretrain import pretrain_projector
 from qapframe.toy.vision_pretrain import pretrain_vision
 
@@ -217,14 +218,6 @@ def training_records(data_seed: int, weights: dict[str, float], seed: int, min_o
             yield record
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then cosine decay to 5% of the peak."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def caption(record) -> str:
     """``red circle top left . blue square center .``: every object, in reading (grid-cell) order."""
     objects = sorted(record.meta["objects"], key=lambda o: POSITIONS.index(o[2]))
@@ -340,18 +333,12 @@ def main(argv: list[str] | None = None) -> dict:
         vision_stats.update(pretrain_llm(
             model, args.llm_pretrain_steps, args.batch_size, args.lr, args.warmup, args.weight_decay, args.data_seed,
             args.seed, lambda records, scenes: conversation_loss(model, processor.tokenizer, records, scenes,
-                                                                 stage_rng, stage_args), lr_at))
+                                                                 stage_rng, stage_args)))
         if args.eval_every:
             print(f"  eval after stage 0c: {evaluate(model, processor, args.eval_size, args.data_seed)}", flush=True)
     if args.freeze_projector:
         model.model.multi_modal_projector.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]  # norms and biases
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98),
-    )
+    optimizer = toy_adamw((p for p in model.parameters() if p.requires_grad), args.lr, args.weight_decay)
     running = None
     easy_records = None if args.easy_until is None else args.easy_until * args.batch_size
     stream = training_records(args.data_seed, question_type_weights(args.question_weights), args.seed,

@@ -10,7 +10,7 @@ from qapframe.data.synthetic import COLOURS, POSITIONS, SHAPES, make_record
 from qapframe.toy.llm_pretrain import RECORD_OFFSET, code_scenes, pretrain_llm
 from qapframe.toy.model import build_model, build_processor
 from qapframe.toy.projector_pretrain import symbolic_codes
-from qapframe.toy.train import conversation_loss, lr_at, main, parse_args
+from qapframe.toy.train import conversation_loss, main, parse_args
 
 
 def test_a_code_scene_is_one_token_a_cell_summing_its_place_colour_and_shape_codes():
@@ -45,7 +45,7 @@ def test_pretraining_changes_only_the_llm_and_lowers_its_loss_on_held_out_code_s
     stats = pretrain_llm(model, steps=40, batch_size=8, lr=3e-3, warmup=5, weight_decay=0.0, data_seed=0, seed=0,
                          loss_fn=lambda records, scenes: conversation_loss(model, processor.tokenizer, records,
                                                                            scenes, rng, args),
-                         lr_at=lr_at, log_every=40)
+                         log_every=40)
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {name for name in before if name.startswith(("model.language_model.", "lm_head."))}
     assert _question_loss(model, processor.tokenizer, held_out, codes, args) < 0.6 * loss_before
