@@ -68,13 +68,31 @@ def test_shipped_specs_load_by_name_and_by_repository_path():
     assert "built-in: " in problems["(file)"]
 
 
-def test_static_w4a4_spec_is_the_paper_grid_under_per_tensor_activation_ranges():
-    static, dynamic = load_spec("qapruner_static_w4a4"), load_spec("qapruner")
-    runs, reference = static.expand(), dynamic.expand()
-    assert len(runs) == len(reference) - 1  # the same grid, less the GPTQ dense baseline
-    quantized = [r.quantizer for r in runs if r.quantizer is not None]
-    assert quantized and all(q.model_extra.get("act_dynamic") is False and q.model_extra.get("act_symmetric") is True
-                             for q in quantized)
+def test_main_spec_quantizes_activations_with_static_ranges_and_the_per_token_spec_is_its_grid():
+    main, per_token = load_spec("qapruner").expand(), load_spec("qapruner_per_token_w4a4").expand()
+
+    def activations(run):
+        q = run.to_dict()["quantizer"]
+        return None if q is None else (q["act_dynamic"], q["act_symmetric"])
+
+    # every W4A4 run of the main spec uses static symmetric per-tensor ranges, but one dense per-token reference
+    static = [r for r in main if activations(r) == (False, True)]
+    reference = [r for r in main if activations(r) == (True, False)]
+    assert len(static) + len(reference) + 1 == len(main)  # + fp dense
+    assert len(reference) == 1 and reference[0].scorer is None and reference[0].quantizer.name == "rtn"
+    assert {r.quantizer.name for r in static if r.scorer is None} == {"rtn", "gptq"}
+    assert all(activations(r) == (True, False) for r in per_token if r.quantizer is not None)
+
+    def grid(runs):  # the configurations with the activation-range choice left out
+        def key(run):
+            d = run.to_dict()
+            q = d["quantizer"] and {k: v for k, v in d["quantizer"].items() if not k.startswith("act_")}
+            return repr((q, d["scorer"], d["pruner"]))
+        return {key(r) for r in runs}
+
+    assert grid(main) == grid(per_token) and len(per_token) == len(main) - 1
+    ablation = {r.scorer.model_dump_json() for r in main if r.scorer is not None and r.scorer.name == "hybrid"}
+    assert len(ablation) == 4  # full, quantization error only, outlier range only, semantic score only
 
 
 def test_yaml_round_trip_is_lossless(tmp_path):

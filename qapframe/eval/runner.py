@@ -155,7 +155,8 @@ def _batches(items: Sequence, size: int) -> list[list]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _processor_inputs(processor, records: Sequence[VQARecord], model: torch.nn.Module, with_answer: bool = False):
+def model_inputs(processor, records: Sequence[VQARecord], model: torch.nn.Module, with_answer: bool = False):
+    """The keyword arguments of one batch for ``model``; ``with_answer`` appends each answer (calibration text)."""
     from qapframe.data.prompts import build_prompt
 
     texts = [build_prompt(r) + (f" {r.answer}" if with_answer else "") for r in records]
@@ -234,7 +235,7 @@ def evaluate_run(
                 f"{dist.world_size()} processes; use at least one per process (or 0 for none)"
             )
         records = dist.shard(everything)
-        calibration = [_processor_inputs(source.processor, [r], model, with_answer=True) for r in records]
+        calibration = [model_inputs(source.processor, [r], model, with_answer=True) for r in records]
     with torch.no_grad():
         model = pipeline.apply(model, calibration)
     if dist.is_distributed() and pipeline.quantizer is not None:
@@ -258,7 +259,7 @@ def evaluate_run(
         bar = _progress(mine, progress, desc="  batches", leave=False)
         for _, batch in bar:
             batch_records = [r for _, r in batch]
-            inputs = _processor_inputs(source.processor, batch_records, model)
+            inputs = model_inputs(source.processor, batch_records, model)
             if hasattr(model, "qapframe_last_selection"):
                 model.qapframe_last_selection = None  # so a stale selection is never counted
             timer.arm()
@@ -420,4 +421,5 @@ def _log(number: int, total: int, record: dict[str, Any], bars: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["RunSummary", "describe", "evaluate_run", "run_spec", "seed_everything", "strategy_label"]
+__all__ = ["DataCache", "RunSummary", "describe", "evaluate_run", "model_inputs", "run_spec", "seed_everything",
+           "strategy_label"]
