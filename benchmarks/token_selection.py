@@ -27,7 +27,7 @@ import torch
 
 from qapframe.eval.loading import ModelSource
 from qapframe.eval.results import write_json_atomically
-from qapframe.eval.runner import DataCache, model_inputs, seed_everything
+from qapframe.eval.runner import DataCache, calibration_inputs, model_inputs, seed_everything
 from qapframe.pipeline import Pipeline
 from qapframe.spec import load_spec
 from qapframe.toy.vision_pretrain import cell_labels, patch_cells
@@ -73,8 +73,8 @@ def shared(keep: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
 def coverage(keep: list[torch.Tensor], records) -> tuple[float, float]:
     """(share of objects with a kept token in their cell, share of kept tokens in occupied cells)."""
     cells = patch_cells()
-    occupied = occupied_tokens(records)
-    colour, _ = cell_labels(records)
+    colour, _ = cell_labels(records)  # [B, 9], 0 = empty
+    occupied = (colour != 0)[:, cells]  # [B, N], as `occupied_tokens`
     covered = total = 0
     shares = []
     for i, kept in enumerate(keep):
@@ -92,10 +92,7 @@ def selections(spec, scorer: dict, retention: float, seed: int, source: ModelSou
     seed_everything(seed)
     model = source.fresh()
     pipeline = Pipeline(spec.quantizer, scorer, {"name": "topk", "retention": retention}, seed=seed)
-    calibration = None
-    if pipeline.quantizer is not None:
-        calibration = [model_inputs(source.processor, [r], model, with_answer=True)
-                       for r in data.calibration_records(spec.evaluation, seed)]
+    calibration = None if pipeline.quantizer is None else calibration_inputs(spec.evaluation, seed, source, data, model)
     model = pipeline.apply(model, calibration)
     keep, scores = [], []
     size = spec.evaluation.batch_size
@@ -135,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"scorer": label, "spec": scorer, "coverage": {}, "occupied_share": {}, "shared_with_cls": {}}
         for retention in args.retentions:
             keep, scores = selections(spec, scorer, retention, args.seed, source, data, records)
-            row["object_auc"] = object_auc(scores, occupied)  # the scores do not depend on the retention
+            if "object_auc" not in row:  # the scores do not depend on the retention
+                row["object_auc"] = object_auc(scores, occupied)
             row["coverage"][str(retention)], row["occupied_share"][str(retention)] = coverage(keep, records)
             reference.setdefault(retention, keep)  # the first scorer's (SEMANTIC)
             row["shared_with_cls"][str(retention)] = shared(keep, reference[retention])

@@ -210,6 +210,22 @@ def _weights_fingerprint(model: torch.nn.Module) -> tuple[float, int]:
     return total, nonfinite
 
 
+def calibration_inputs(
+    evaluation: EvaluationSpec, seed: int, source: ModelSource, data: DataCache, model: torch.nn.Module
+) -> list[dict]:
+    """This rank's calibration batches: one input dict per record (prompt and answer, no padding).
+
+    Rank r calibrates on records r::world and the quantizers all-reduce their statistics.
+    """
+    everything = data.calibration_records(evaluation, seed)
+    if dist.is_distributed() and 0 < len(everything) < dist.world_size():
+        raise ValueError(
+            f"evaluation.calibration_samples: {len(everything)} calibration records cannot be shared by "
+            f"{dist.world_size()} processes; use at least one per process (or 0 for none)"
+        )
+    return [model_inputs(source.processor, [r], model, with_answer=True) for r in dist.shard(everything)]
+
+
 def evaluate_run(
     spec: PipelineSpec, seed: int, source: ModelSource, data: DataCache, progress: bool = False
 ) -> dict[str, Any]:
@@ -224,18 +240,7 @@ def evaluate_run(
     memory.start()
     pipeline = Pipeline(spec.quantizer, spec.scorer, spec.pruner, adapter=spec.model.adapter, seed=seed)
 
-    calibration = None
-    if pipeline.quantizer is not None:
-        # One input dict per record (prompt and answer, no padding); rank r calibrates on records
-        # r::world and the quantizers all-reduce their statistics.
-        everything = data.calibration_records(ev, seed)
-        if dist.is_distributed() and 0 < len(everything) < dist.world_size():
-            raise ValueError(
-                f"evaluation.calibration_samples: {len(everything)} calibration records cannot be shared by "
-                f"{dist.world_size()} processes; use at least one per process (or 0 for none)"
-            )
-        records = dist.shard(everything)
-        calibration = [model_inputs(source.processor, [r], model, with_answer=True) for r in records]
+    calibration = None if pipeline.quantizer is None else calibration_inputs(ev, seed, source, data, model)
     with torch.no_grad():
         model = pipeline.apply(model, calibration)
     if dist.is_distributed() and pipeline.quantizer is not None:
@@ -421,5 +426,5 @@ def _log(number: int, total: int, record: dict[str, Any], bars: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["DataCache", "RunSummary", "describe", "evaluate_run", "model_inputs", "run_spec", "seed_everything",
-           "strategy_label"]
+__all__ = ["DataCache", "RunSummary", "calibration_inputs", "describe", "evaluate_run", "model_inputs", "run_spec",
+           "seed_everything", "strategy_label"]
