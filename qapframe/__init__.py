@@ -10,9 +10,10 @@ from qapframe.strategies.base import PRUNERS, SCORERS, Pruner, Scorer, Selection
 from qapframe.strategies.context import QuantSettings, ScoringContext
 from qapframe.strategy import Strategy, StrategyConfig
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy: pyproject.toml reads it (dynamic version), `qapframe --version` prints it
 
 __all__ = [
+    "__version__",
     "ADAPTERS",
     "ModelAdapter",
     "PRUNERS",

@@ -7,7 +7,11 @@ import json
 import sys
 from typing import Any, Sequence
 
+from qapframe import __version__
 from qapframe.errors import QapframeError
+
+# `qapframe list` and `validate` import neither transformers, numba nor matplotlib (seconds each): the
+# model adapters, the scoring kernels and the plot import them when they first run.
 
 EPILOG = """\
 examples:
@@ -56,29 +60,80 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(labels: Sequence[str]) -> str:
+    """``["rtn(scheme=W4A4)", "rtn(scheme=W8A8)", "gptq"]`` -> ``"rtn (2 variants), gptq"``."""
+    variants: dict[str, set[str]] = {}
+    for label in labels:
+        variants.setdefault(label.split("(", 1)[0], set()).add(label)
+    return ", ".join(f"{n} ({len(v)} variants)" if len(v) > 1 else n for n, v in variants.items())
+
+
 def _describe(spec) -> str:
-    parts = [f"model={spec.model.path}"]
-    parts.append(f"quantizer={spec.quantizer.name if spec.quantizer else 'none'}")
-    parts.append(f"scorer={spec.scorer.name if spec.scorer else 'none'}")
-    if spec.pruner is not None:
-        parts.append(f"pruner={spec.pruner.name}")
-    configurations = len(spec.expand())
-    runs = configurations * len(spec.evaluation.seeds)
-    return f"{', '.join(parts)}; {configurations} configuration(s) x {len(spec.evaluation.seeds)} seed(s) = {runs} run(s)"
+    """``84 runs = 28 configurations x 3 seeds; model toy; quantizers fp, rtn (2 variants), gptq; ...``."""
+    from qapframe.eval.runner import describe  # labels only: imports no model code
+
+    configurations = spec.expand()
+    infos = [describe(cfg) for cfg in configurations]
+    seeds = sorted({len(cfg.evaluation.seeds) for cfg in configurations})
+    runs = sum(len(cfg.evaluation.seeds) for cfg in configurations)
+    per = f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds each"
+    retentions = []
+    for info, cfg in zip(infos, configurations):
+        if cfg.pruner is None:
+            retentions.append("dense")
+        elif info["retention"] is not None:
+            retentions.append(f"{100 * info['retention']:g}%")
+        else:
+            retentions.append(f"{cfg.pruner.config.num_tokens} tokens")
+    parts = [
+        f"{runs} run{'s' if runs != 1 else ''} = {len(configurations)} configuration"
+        f"{'s' if len(configurations) != 1 else ''} x {per}",
+        f"model {', '.join(dict.fromkeys(cfg.model.path for cfg in configurations))}",
+        f"quantizers {_names([i['quantizer'] for i in infos])}",
+        f"scorers {_names([i['scorer'] for i in infos])}",
+    ]
+    pruners = [i["pruner"] for i in infos if i["pruner"]]
+    if pruners:
+        parts.append(f"pruners {_names(pruners)}")
+    parts.append(f"retention {', '.join(dict.fromkeys(retentions))}")
+    return "; ".join(parts)
+
+
+def _checked_spec(path: str):
+    """The validated spec at ``path``, its model paths checked too (what `run` would fail on)."""
+    from qapframe.errors import SpecError
+    from qapframe.spec import load_spec, model_path_problems
+
+    spec = load_spec(path)
+    problems = model_path_problems(spec)
+    if problems:
+        raise SpecError(problems, path)
+    return spec
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qapframe.spec import load_spec
-
-    spec = load_spec(args.spec)
-    print(f"{args.spec}: valid ({_describe(spec)})")
+    spec = _checked_spec(args.spec)
+    print(f"{args.spec}: valid: {_describe(spec)}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qapframe.eval.runner import run_spec
+    from qapframe.eval.runner import RunInterrupted, run_spec
 
-    run_spec(args.spec, output_dir=args.output)
+    spec = _checked_spec(args.spec)
+    try:
+        summary = run_spec(spec, output_dir=args.output)
+    except RunInterrupted as stop:
+        print(f"qapframe: interrupted after {stop.recorded} of {stop.total} runs; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    if summary.failed:
+        print(
+            f"qapframe: {summary.failed} of {summary.total} runs failed; their errors are in {summary.results_path} "
+            f'(rows with "status": "error") and in the errors column of {summary.summary_path}',
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -89,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"qapframe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -100,14 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = commands.add_parser("validate", help="check a spec file without running it",
-                            description="Validate a YAML/JSON pipeline spec: exit 0 with a one-line summary, "
-                            "or exit 2 listing every problem with its field path.")
+                            description="Validate a YAML/JSON pipeline spec, and that its model paths exist: exit 0 "
+                            "with a one-line summary of the runs, or exit 2 listing every problem with its field path.")
     p.add_argument("spec", help="path to a .yaml/.yml/.json pipeline spec")
     p.set_defaults(func=cmd_validate)
 
     p = commands.add_parser("run", help="run a pipeline spec (compress + evaluate)",
                             description="Run every configuration of a spec (sweeps and seeds expanded), appending "
-                            "results.jsonl as each finishes, then write summary.md and a plot. Re-running resumes.")
+                            "results.jsonl as each finishes, then write summary.md and a plot. Re-running resumes "
+                            "(finished runs are skipped, failed ones retried). Exit status: 0 every run succeeded, "
+                            "1 some failed, 2 the spec is invalid, 130 interrupted (Ctrl-C).")
     p.add_argument("spec", help="path to a .yaml/.yml/.json pipeline spec")
     p.add_argument("--output", "-o", metavar="DIR", help="output directory (default: the spec's output.dir)")
     p.set_defaults(func=cmd_run)
@@ -121,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QapframeError as exc:  # a user mistake: say what and where, no traceback
         print(f"qapframe: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any run started (loading, validating): nothing to resume yet
+        print("qapframe: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,18 +3,23 @@
 Built-ins register with a decorator at their definition. Third-party packages register through
 Python entry points (group ``qapframe.<kind>s``), discovered lazily on the first lookup so that
 importing qapframe never imports a plugin, and a broken plugin only costs a warning.
+
+Entry points are read with the standard library's `importlib.metadata`, not the ``entrypoints`` package
+the design card named: both read the same ``entry_points.txt`` of each installed distribution, so a plugin
+declares them the same way either way (and never depends on either package), and ``entrypoints`` is
+deprecated upstream in favour of `importlib.metadata`, which is complete from Python 3.10, our minimum.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import re
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Callable, Generic, Iterator, TypeVar
-
-import entrypoints
 
 from qapframe.errors import DuplicateNameError, UnknownNameError
 
@@ -79,13 +84,12 @@ class Registry(Generic[T]):
         if self._discovered:
             return
         self._discovered = True
-        import importlib
-
         for module in self._builtin_modules:
             importlib.import_module(module)
-        for ep in entrypoints.get_group_all(self.group):
-            distro = f"{_normalize(ep.distro.name)} {ep.distro.version}" if ep.distro else "unknown distribution"
-            source = f"{distro} ({ep.module_name}:{ep.object_name})"
+        for ep in entry_points(group=self.group):
+            dist = ep.dist
+            distro = f"{_normalize(dist.name)} {dist.version}" if dist is not None else "unknown distribution"
+            source = f"{distro} ({ep.value})"
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plugin must not take the host down

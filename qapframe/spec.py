@@ -8,13 +8,19 @@ problem is reported with its field path and the file it came from.
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import json
+import math
+import re
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from qapframe.errors import QapframeError, SpecError
@@ -23,7 +29,7 @@ from qapframe.strategy import Strategy, StrategyConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN is never a setting (see StrategyConfig)
 
 
 class StrategySpec(BaseModel):
@@ -141,6 +147,17 @@ class PipelineSpec(_Section):
         description="grids of dotted-path -> list of values; the runs are the union of each grid's product",
     )
 
+    @field_validator("sweep")
+    @classmethod
+    def _finite_sweep_values(cls, grids: list[SweepGrid]) -> list[SweepGrid]:
+        # Checked here: expanding goes through JSON, where NaN would arrive as null ("got None").
+        for g, grid in enumerate(grids):
+            for field, values in grid.items():
+                for value in values if isinstance(values, list) else []:
+                    if isinstance(value, float) and not math.isfinite(value):
+                        raise ValueError(f"{field} in grid {g}: {value!r} is not a finite number")
+        return grids
+
     @model_validator(mode="before")
     @classmethod
     def _fill_defaults(cls, data: Any) -> Any:
@@ -156,6 +173,26 @@ class PipelineSpec(_Section):
     def _pruner_needs_scorer(self) -> "PipelineSpec":
         if self.pruner is not None and self.scorer is None:
             raise ValueError("`pruner` is set but `scorer` is not; a pruner ranks tokens by a scorer's scores")
+        return self
+
+    @model_validator(mode="after")
+    def _one_calibration_count(self) -> "PipelineSpec":
+        # evaluation.calibration_samples decides how many records the runner builds; a quantizer that
+        # took a different number would silently re-subsample them (and differently under torchrun,
+        # where each rank gets a share), so the quantizer's own count may only repeat it.
+        wanted = getattr(self.quantizer.config, "calibration_samples", None) if self.quantizer else None
+        built = self.evaluation.calibration_samples
+        if wanted is not None and wanted != built:
+            message = (
+                f"{wanted} disagrees with evaluation.calibration_samples ({built}), which decides how many "
+                "calibration records are built; drop quantizer.calibration_samples (it then uses them all) "
+                "or set both to the same number"
+            )
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [InitErrorDetails(type=PydanticCustomError("disagreement", message),
+                                  loc=("quantizer", "calibration_samples"), input=wanted)],
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,15 +216,64 @@ def _format_loc(loc: tuple) -> str:
     return path or "(top level)"
 
 
-def _problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+SECTIONS = tuple(PipelineSpec.model_fields)  # model, quantizer, scorer, pruner, evaluation, output, sweep
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``X``, ``X | None`` or ``Optional[X]``."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _fields_at(data: Any, loc: tuple) -> tuple[str, list[str]] | None:
+    """``(where, valid names)`` for an unknown key at ``loc`` in ``data``: ``where`` is ``""`` at the top
+    level (sections), else the section or strategy holding the key; None when the path cannot be followed
+    (a strategy with an unknown name, a list, ...)."""
+    cls: type[BaseModel] | None = PipelineSpec
+    where, strategy = "", False
+    node = data
+    for key in loc[:-1]:
+        if cls is None or not isinstance(key, str) or key not in cls.model_fields or not isinstance(node, dict):
+            return None
+        node = node.get(key)
+        cls, where, strategy = _model_class(cls.model_fields[key].annotation), key, False
+        if cls is not None and issubclass(cls, StrategySpec):
+            name = node.get("name") if isinstance(node, dict) else None
+            if not isinstance(name, str) or name not in cls.registry:
+                return None
+            cls, where, strategy = cls.registry.get(name).Config, f"{cls.registry.kind} {name!r}", True
+    if cls is None:
+        return None
+    return where, (["name"] if strategy else []) + list(cls.model_fields)
+
+
+def _unknown_field(data: Any, loc: tuple) -> str:
+    key = str(loc[-1]) if loc else ""
+    found = _fields_at(data, loc)
+    if found is None:
+        return f"unknown field {key!r}; check the spelling against `qapframe list`"
+    where, names = found
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if not where:
+        return f"unknown section {key!r}{hint}; valid sections: {', '.join(names)}"
+    return f"unknown field {key!r} of {where}{hint}; valid fields: {', '.join(names) or '(none)'}"
+
+
+def _problems(error: ValidationError, prefix: str = "", data: Any = None) -> list[tuple[str, str]]:
     problems = []
     for err in error.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"] not in ("missing", "extra_forbidden", "unknown_name", "value_error", "assertion_error"):
+        if err["type"] not in ("missing", "extra_forbidden", "unknown_name", "value_error", "assertion_error",
+                               "disagreement", "finite_number"):
             message += f" (got {err.get('input')!r})"
+        if err["type"] == "finite_number":
+            message = f"must be a finite number, got {err.get('input')!r}"
         if err["type"] == "extra_forbidden":
-            message = "unknown field; check the spelling against `qapframe list`"
+            message = _unknown_field(data, loc)
         path = _format_loc(loc)
         problems.append((f"{prefix}{path}" if prefix else path, message))
     return problems
@@ -197,12 +283,17 @@ def parse_spec(data: Any, source: str | None = None) -> PipelineSpec:
     """Validate a spec dict; raise `SpecError` listing every problem with its path."""
     if isinstance(data, PipelineSpec):
         return data
+    if data is None:
+        raise SpecError([("(file)", f"the spec is empty; write a mapping of sections: {', '.join(SECTIONS)}")], source)
     if not isinstance(data, dict):
-        raise SpecError([("(top level)", f"a spec must be a mapping of sections, got {type(data).__name__}")], source)
+        raise SpecError(
+            [("(top level)", f"a spec must be a mapping of sections ({', '.join(SECTIONS)}), got a {type(data).__name__}")],
+            source,
+        )
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_problems(exc), source) from None
+        raise SpecError(_problems(exc, data=data), source) from None
     try:
         spec.expand()
     except SpecError as exc:
@@ -230,16 +321,44 @@ def resolve_spec_path(path: str | Path) -> Path:
     )
 
 
+def _pointer(text: str, line: int, column: int) -> str:
+    """The 1-based ``line`` of ``text`` with a caret under ``column``, indented under a problem line."""
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return ""
+    gutter = f"    {line} | "
+    return f"\n{gutter}{lines[line - 1]}\n{' ' * (len(gutter) - 2)}| {' ' * (column - 1)}^"
+
+
+def _syntax_problem(exc: Exception, text: str) -> str:
+    """A YAML/JSON parser error as ``line L, column C: what`` plus the line itself with a caret."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}" + _pointer(text, exc.lineno, exc.colno)
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return str(exc).replace("\n", " ")
+    line, column = mark.line + 1, mark.column + 1
+    message = f"line {line}, column {column}: {exc.problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        message += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return message + _pointer(text, line, column)
+
+
 def read_spec_file(path: str | Path) -> Any:
     """Parse YAML (or JSON, a YAML subset) into plain data, with the file named in any error."""
     path = resolve_spec_path(path)
     text = path.read_text()
     try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise SpecError([("(syntax)", str(exc).replace("\n", " "))], str(path)) from None
+        raise SpecError([("(syntax)", _syntax_problem(exc, text))], str(path)) from None
+    if data is None:  # an empty file, or only comments
+        what = "empty" if not text.strip() else "only comments"
+        raise SpecError(
+            [("(file)", f"the file is {what}; a spec is a mapping of sections: {', '.join(SECTIONS)}")], str(path)
+        )
+    return data
 
 
 def load_spec(spec_or_path: Union[str, Path, dict, PipelineSpec]) -> PipelineSpec:
@@ -247,6 +366,55 @@ def load_spec(spec_or_path: Union[str, Path, dict, PipelineSpec]) -> PipelineSpe
     if isinstance(spec_or_path, (str, Path)):
         return parse_spec(read_spec_file(spec_or_path), str(spec_or_path))
     return parse_spec(spec_or_path)
+
+
+# -- model paths -------------------------------------------------------------------------------
+
+# A Hugging Face hub id: an optional namespace and a name, each up to 96 of [A-Za-z0-9_.-], not starting
+# with '-' or '.', and without '--' or '..' (the hub's own rules).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}$")
+
+
+def _named_models() -> list[str]:
+    try:  # named model sources (toy, plugins'); a checkout without that registry knows only the toy
+        from qapframe.sources import MODEL_SOURCES
+    except ImportError:
+        return ["toy"]
+    return MODEL_SOURCES.names()
+
+
+def model_path_problem(path: str) -> str | None:
+    """Why ``model.path`` cannot be loaded, or None: it must name a registered model, or be a local
+    folder with a ``config.json``. Nothing is loaded or downloaded to decide."""
+    named = _named_models()
+    if path in named:
+        return None
+    valid = (f"valid: a named model ({', '.join(named)}) or a local directory saved with save_pretrained "
+             "(config.json, weights, processor files)")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return None if (local / "config.json").is_file() else f"{path!r} has no config.json; {valid}"
+    if local.exists():
+        return f"{path!r} is a file, not a model directory; {valid}"
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+        return f"{path!r} does not exist; {valid}"
+    if _HUB_ID.match(path) and "--" not in path and ".." not in path:
+        return (f"{path!r} is no local directory; as a hub id it is well-formed, but qapframe downloads "
+                f"nothing: fetch it first (`huggingface-cli download {path} --local-dir DIR`) and give DIR; {valid}")
+    return (f"{path!r} is neither a local directory nor a well-formed hub id (namespace/name: letters, "
+            f"digits, '-', '_', '.'); {valid}")
+
+
+def model_path_problems(spec: PipelineSpec) -> list[tuple[str, str]]:
+    """`model_path_problem` for every distinct ``model.path`` of the spec's configurations."""
+    paths = dict.fromkeys(cfg.model.path for cfg in spec.expand())
+    swept = len(paths) > 1
+    problems = []
+    for path in paths:
+        problem = model_path_problem(path)
+        if problem:
+            problems.append(("sweep: model.path" if swept else "model.path", problem))
+    return problems
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -288,7 +456,7 @@ def expand_sweep(data: dict[str, Any]) -> list[PipelineSpec]:
             try:
                 spec = PipelineSpec.model_validate(point)
             except ValidationError as exc:
-                problems += _problems(exc, prefix=f"sweep[{g}] {dict(zip(grid, combo))}: ")
+                problems += _problems(exc, prefix=f"sweep[{g}] {dict(zip(grid, combo))}: ", data=point)
                 continue
             key = json.dumps(spec.to_dict(), sort_keys=True)
             if key not in seen:  # grids may overlap; run each configuration once

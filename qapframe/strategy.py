@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict
 class StrategyConfig(BaseModel):
     """Base of every strategy's parameters; unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN passes every bound check as False-but-not-an-error in some paths and poisons scores; inf is no
+    # valid setting of any strategy either, so both are rejected as "not a finite number".
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Strategy:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,67 @@ def test_validate_ok_prints_one_line_summary(tmp_path, capsys):
     spec.write_text("scorer: {name: random}\nsweep:\n  pruner.retention: [0.5, 0.25]\nevaluation: {seeds: [0, 1]}\n")
     assert main(["validate", str(spec)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "valid" in out[0] and "2 configuration(s) x 2 seed(s) = 4 run(s)" in out[0]
+    assert len(out) == 1 and "valid" in out[0] and "4 runs = 2 configurations x 2 seeds" in out[0]
+
+
+def test_validate_summary_describes_the_whole_sweep(capsys):
+    assert main(["validate", "qapruner"]) == 0
+    out = capsys.readouterr().out
+    assert "84 runs = 28 configurations x 3 seeds" in out
+    assert "quantizers fp, rtn (2 variants), gptq" in out
+    assert "scorers dense, visionzip, hybrid (4 variants), fastv (2 variants)" in out
+    assert "pruners visionzip, topk" in out and "retention dense, 50%, 25%, 12.5%" in out
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_missing_model_path_is_an_invalid_spec_for_validate_and_run(tmp_path, capsys, command):
+    spec = tmp_path / "missing.yaml"
+    spec.write_text(f"model: {{path: {tmp_path / 'nowhere'}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    assert main([command, str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "model.path" in err and "does not exist" in err and "a named model (" in err
+    assert not (tmp_path / "out").exists()  # `run` refused before running anything
+
+
+def test_validate_checks_hub_ids_are_well_formed(tmp_path, capsys):
+    spec = tmp_path / "hub.yaml"
+    spec.write_text("sweep: {model.path: ['bad id!', 'llava-hf/llava-1.5-7b-hf']}\n")
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "'bad id!' is neither a local directory nor a well-formed hub id" in err
+    assert "'llava-hf/llava-1.5-7b-hf' is no local directory; as a hub id it is well-formed" in err
+
+
+def test_version_is_the_package_version(capsys):
+    import importlib.metadata
+
+    import qapframe
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qapframe {qapframe.__version__}"
+    assert qapframe.__version__ == importlib.metadata.version("qapframe")
+
+
+def test_version_is_written_once():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "qapframe.__version__"}
+
+
+def test_list_imports_no_transformers_numba_or_matplotlib():
+    code = (
+        "import sys, io, contextlib\n"
+        "from qapframe.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['list'])\n"
+        "print(sorted(m for m in ('transformers', 'numba', 'matplotlib', 'entrypoints') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_validate_bad_spec_exits_2_with_paths_and_file(tmp_path, capsys):

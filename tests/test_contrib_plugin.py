@@ -41,7 +41,7 @@ def test_a_spec_can_use_plugin_strategies(plugin_installed, tmp_path):
     )
     result = run_cli("validate", str(spec))
     assert result.returncode == 0, result.stderr
-    assert "quantizer=fp8-weights" in result.stdout
+    assert "quantizers fp8-weights; scorers fused" in result.stdout
     spec.write_text("scorer: {name: channel-variance, unbiased: maybe}\n")
     result = run_cli("validate", str(spec))
     assert result.returncode == 2 and "scorer.unbiased" in result.stderr

@@ -84,3 +84,41 @@ def test_strategies_accept_config_or_keywords_but_not_both():
     with pytest.raises(TypeError, match="not both"):
         TopKPruner({"retention": 0.5}, retention=0.25)
     assert TopKPruner(retention=0.01).budget(10) == 1  # never an empty image
+
+
+def test_wrapped_generate_prunes_without_the_callers_no_grad():
+    """`model.generate` "used as usual" (grad mode on, as in a fresh session) on a pipeline whose hybrid
+    scorer runs the numba kernel: the pruning before generate must not see tensors that require grad."""
+    from qapframe import Pipeline
+    from tests.tiny_models import llava_inputs, tiny_llava
+
+    inputs = llava_inputs(batch_size=2, prompt_lengths=[4, 6])
+    model = Pipeline(scorer={"name": "hybrid"}, pruner={"name": "topk", "retention": 0.25}).apply(tiny_llava())
+    with torch.enable_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, reference) and not out.requires_grad
+    assert [s.num_tokens for s in model.qapframe_last_selection["selections"]] == [4, 4]  # 25 % of 16
+
+
+def test_a_spec_quantizer_calibrates_on_every_record_evaluation_builds():
+    """evaluation.calibration_samples governs: the quantizer uses all the records built (here 40, above the
+    quantizer's former default cap of 32), the same as a quantizer told 40 explicitly."""
+    from qapframe import Pipeline, load_spec
+    from tests.tiny_models import llava_inputs, tiny_llava
+
+    calibration = [llava_inputs(seed=i) for i in range(40)]
+
+    def samples_seen(quantizer: dict) -> int:
+        spec = load_spec({"quantizer": quantizer, "evaluation": {"calibration_samples": 40}})
+        model = tiny_llava()
+        seen = []
+        block = model.model.language_model.layers[0]
+        handle = block.register_forward_pre_hook(lambda module, args, kwargs: seen.append(1), with_kwargs=True)
+        Pipeline.from_spec(spec).apply(model, calibration)
+        handle.remove()
+        return len(seen)
+
+    static = {"name": "rtn", "scheme": "W4A4", "act_dynamic": False}
+    assert samples_seen(static) == samples_seen({**static, "calibration_samples": 40}) >= 40

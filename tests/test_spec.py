@@ -146,3 +146,67 @@ def test_strategy_spec_serializes_with_defaults_filled_in():
     dumped = ScorerSpec(name="fused", scorers=[{"scorer": {"name": "random"}}]).model_dump()
     assert dumped == {"name": "fused", "scorers": [{"scorer": {"name": "random"}, "weight": 1.0}], "normalization": "minmax"}
     assert yaml.safe_load(PipelineSpec().to_yaml())["model"]["path"] == "toy"
+
+
+# -- messages a user sees (issue 32, item 7) -----------------------------------------------------
+
+
+def test_nan_is_reported_as_not_a_finite_number_wherever_it_is():
+    assert problems_of({"scorer": {"name": "random"}, "pruner": {"name": "topk", "retention": float("nan")}})[0] == {
+        "pruner.retention": "must be a finite number, got nan"
+    }
+    swept = problems_of({"scorer": {"name": "random"}, "sweep": {"pruner.retention": [0.5, float("nan")]}})[0]
+    assert swept == {"sweep": "pruner.retention in grid 0: nan is not a finite number"}
+
+
+def test_unknown_section_or_field_suggests_the_closest_and_lists_the_valid_ones():
+    (message,) = problems_of({"quantiser": {"name": "rtn"}})[0].values()
+    assert "unknown section 'quantiser' (did you mean 'quantizer'?)" in message
+    assert "valid sections: model, quantizer, scorer, pruner, evaluation, output, sweep" in message
+    nested = problems_of({"scorer": {"name": "hybrid", "semantic": {"name": "fastv", "layr": 2}}})[0]
+    assert nested == {"scorer.semantic.layr": "unknown field 'layr' of scorer 'fastv' (did you mean 'layer'?); "
+                      "valid fields: name, layer"}
+    (message,) = problems_of({"evaluation": {"seed": [0]}})[0].values()
+    assert "(did you mean 'seeds'?)" in message and "num_samples" in message
+
+
+def test_empty_file_and_comment_only_file_say_so(tmp_path):
+    for text, what in (("", "the file is empty"), ("# nothing yet\n", "the file is only comments")):
+        path = tmp_path / "spec.yaml"
+        path.write_text(text)
+        with pytest.raises(SpecError) as info:
+            load_spec(path)
+        assert info.value.problems == [("(file)", f"{what}; a spec is a mapping of sections: model, quantizer, "
+                                        "scorer, pruner, evaluation, output, sweep")]
+
+
+def test_yaml_and_json_syntax_errors_give_line_column_and_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  path: toy\nscorer: name: random\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    ((where, message),) = info.value.problems
+    assert where == "(syntax)"
+    assert message.splitlines() == [
+        "line 3, column 13: mapping values are not allowed here",
+        "    3 | scorer: name: random",
+        "      |             ^",
+    ]
+    path = tmp_path / "bad.json"
+    path.write_text('{"model": {"path": "toy",}}')
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.problems[0][1].startswith("line 1, column 26: Expecting property name")
+
+
+# -- one calibration count -----------------------------------------------------------------------
+
+
+def test_the_quantizer_follows_evaluation_calibration_samples_unless_it_disagrees():
+    spec = load_spec({"quantizer": {"name": "rtn"}, "evaluation": {"calibration_samples": 64}})
+    assert spec.quantizer.config.calibration_samples is None  # uses every record the runner builds
+    same = load_spec({"quantizer": {"name": "gptq", "calibration_samples": 64}, "evaluation": {"calibration_samples": 64}})
+    assert same.quantizer.config.calibration_samples == 64
+    problems = problems_of({"quantizer": {"name": "rtn", "calibration_samples": 16}})[0]
+    assert list(problems) == ["quantizer.calibration_samples"]
+    assert "16 disagrees with evaluation.calibration_samples (32)" in problems["quantizer.calibration_samples"]

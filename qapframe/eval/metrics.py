@@ -92,31 +92,69 @@ class PrefillTimer:
         self._handle.remove()
 
 
-class PeakMemory:
-    """Peak memory of one run in MiB.
+def _reset_rss_peak() -> bool:
+    """Reset this process's resident-set high-water mark (Linux >= 4.0: ``5`` into /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_peak_kib() is not None
+    except OSError:
+        return False
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` since the start of the run (all visible devices).
-    On CPU: the process's peak resident set size from ``getrusage`` (tracemalloc does not see torch's
-    allocator); it is a lifetime maximum, so later runs in one process report at least earlier ones.
+
+def _rss_peak_kib() -> int | None:
+    """``VmHWM`` of /proc/self/status: the resident-set peak since the last reset, in KiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# What each `PeakMemory.kind` measures, as summary.md states it.
+MEMORY_KINDS = {
+    "cuda_max_allocated": "CUDA memory allocated by torch, peak over the run (counters reset per run)",
+    "cpu_peak_rss_per_run": "peak resident memory of the process during the run (its high-water mark reset at "
+    "the start of each run, so it includes the unmodified model copy kept for the next run)",
+    "cpu_peak_rss_process": "peak resident memory of the process since it started (this system cannot reset "
+    "it, so it only grows across runs)",
+}
+
+
+class PeakMemory:
+    """Peak memory of one run in MiB; `start` resets the counters, `kind` says what was measured.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` since `start` (all visible devices). On Linux CPU: the
+    process's resident-set high-water mark (``VmHWM``), reset by `start` through /proc/self/clear_refs
+    (tracemalloc does not see torch's allocator). Elsewhere the lifetime peak from ``getrusage``, which
+    cannot be reset, and says so in its kind.
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.kind = "cuda_max_allocated" if self.cuda else "cpu_peak_rss"
+        self.kind = "cuda_max_allocated" if self.cuda else "cpu_peak_rss_process"
 
     def start(self) -> None:
         if self.cuda:
             for d in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(d)
+        elif _reset_rss_peak():
+            self.kind = "cpu_peak_rss_per_run"
 
     def peak_mib(self) -> float:
         if self.cuda:
             return sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20
+        if self.kind == "cpu_peak_rss_per_run":
+            return _rss_peak_kib() / 2**10
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 __all__ = [
+    "MEMORY_KINDS",
     "PeakMemory",
     "PrefillTimer",
     "RecordOutcome",

@@ -1,7 +1,8 @@
 """``results.jsonl``: one JSON line per (configuration, seed), appended atomically as each run finishes.
 
 A run is identified by a stable key, a hash of its concrete spec (without the output section, which
-does not change results) and its seed; re-running a spec skips every key already recorded as ``ok``.
+does not change results) and its seed; re-running a spec skips every key already recorded as ``ok``
+and retries the others, whose new line replaces the old error line (`ResultsFile.replace`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,27 @@ class ResultsFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def replace(self, record: dict[str, Any]) -> None:
+        """Write ``record`` in place of every line with its key (a retried run's error row), atomically:
+        the file is rewritten beside itself and renamed over, so a crash leaves the old or the new file."""
+        key = record["key"]
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    same = json.loads(line).get("key") == key
+                except (json.JSONDecodeError, AttributeError):
+                    same = False  # a torn or foreign line stays as it is
+                if line.strip() and not same:
+                    kept.append(line)
+        kept.append(json.dumps(record, sort_keys=True, allow_nan=False))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
+            f.write("\n".join(kept) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, self.path)
 
     def _ends_torn(self, fd: int) -> bool:
         size = os.fstat(fd).st_size

@@ -3,12 +3,13 @@
 Each (configuration, seed) run starts from a fresh copy of the model, calibrates and quantizes it,
 installs token pruning, answers the evaluation set with greedy ``generate``, and appends one line to
 ``results.jsonl``. Runs already recorded as ``ok`` are skipped (resume); a failing run is recorded
-with its error and the others go on. Under ``torchrun`` / ``accelerate launch`` the evaluation and
+with its error and the others go on; a rerun retries it, and its new row replaces the error row. Under ``torchrun`` / ``accelerate launch`` the evaluation and
 calibration batches are sharded over ranks and rank 0 gathers and writes everything.
 """
 
 from __future__ import annotations
 
+import gc
 import random
 import sys
 import time
@@ -45,7 +46,17 @@ class RunSummary:
     ran: int = 0
     skipped: int = 0
     failed: int = 0
+    total: int = 0  # runs the spec describes (configurations x seeds)
     records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_spec`: ``recorded`` of ``total`` runs are in ``results.jsonl``, intact; the run in
+    progress is dropped, and running the spec again resumes after the recorded ones."""
+
+    def __init__(self, recorded: int, total: int, results_path: Path):
+        super().__init__(f"interrupted after {recorded} of {total} runs")
+        self.recorded, self.total, self.results_path = recorded, total, results_path
 
 
 # -- labels ------------------------------------------------------------------------------------
@@ -91,19 +102,18 @@ def describe(spec: PipelineSpec, varied: Sequence[str] = ()) -> dict[str, Any]:
     dotted sweep paths outside the strategy sections, e.g. ``evaluation.max_new_tokens``)."""
     quantizer = strategy_label(spec.quantizer, "fp")
     scorer = strategy_label(spec.scorer, "dense")
-    pruner = strategy_label(spec.pruner, "", skip=("retention", "num_tokens"))
-    if pruner not in ("", "topk"):  # the default pruner goes unnamed
-        scorer += f" + {pruner} pruner"
+    pruner = strategy_label(spec.pruner, "", skip=("retention", "num_tokens"))  # "" when dense
     retention = _retention(spec)
     if spec.pruner is None:
         budget = "dense"
     else:
         budget = f"{100 * retention:g}%" if retention else f"{spec.pruner.config.num_tokens} tokens"
-    label = f"{quantizer} / {scorer} / {budget}"
+    pruned_by = f" + {pruner} pruner" if pruner not in ("", "topk") else ""  # the default pruner goes unnamed
+    label = f"{quantizer} / {scorer}{pruned_by} / {budget}"
     if varied:
         data = spec.to_dict()
         label += " [" + ", ".join(f"{path}={_dotted(data, path)}" for path in varied) + "]"
-    return {"quantizer": quantizer, "scorer": scorer, "retention": retention, "label": label}
+    return {"quantizer": quantizer, "scorer": scorer, "pruner": pruner, "retention": retention, "label": label}
 
 
 def _varied_fields(spec: PipelineSpec) -> list[str]:
@@ -235,9 +245,10 @@ def evaluate_run(
     """
     ev = spec.evaluation
     seed_everything(seed)
+    gc.collect()  # the previous run's model, before this run's peak is measured from the current level
+    memory = PeakMemory(torch.device(source.device or spec.model.device))
+    memory.start()  # before the copy: a run's peak includes its own fresh model
     model = source.fresh()
-    memory = PeakMemory(model.device)
-    memory.start()
     pipeline = Pipeline(spec.quantizer, spec.scorer, spec.pruner, adapter=spec.model.adapter, seed=seed)
 
     calibration = None if pipeline.quantizer is None else calibration_inputs(ev, seed, source, data, model)
@@ -373,7 +384,43 @@ def run_spec(spec_or_path: SpecLike, output_dir: str | Path | None = None, *, pr
 
     runs = [(cfg, seed) for cfg in spec.expand() for seed in cfg.evaluation.seeds]
     varied = _varied_fields(spec)
-    summary = RunSummary(out, results.path, None, None)
+    summary = RunSummary(out, results.path, None, None, total=len(runs))
+    recorded = dist.broadcast_object(set(results.latest()) if main else None)  # keys with any row, ok or error
+    if main:
+        _announce_resume(runs, done, recorded, results.path)
+    try:
+        _run_all(runs, done, recorded, varied, results, summary, show, main)
+        dist.barrier()
+        latest = results.latest() if main else {}
+        summary.records = [latest[k] for k in dict.fromkeys(run_key(c, s) for c, s in runs) if k in latest]
+        if main:
+            summary.summary_path, summary.plot_path = write_reports(summary.records, out)
+        dist.barrier()
+    except KeyboardInterrupt:
+        # Every finished run is already on disk (appended or replaced atomically): report how far it got.
+        raise RunInterrupted(summary.skipped + summary.ran + summary.failed, len(runs), results.path) from None
+    finally:
+        if started_group:
+            dist.destroy()
+    return summary
+
+
+def _announce_resume(runs: list, done: set[str], recorded: set[str], results_path: Path) -> None:
+    """One line on stderr when results.jsonl already holds some of the runs: what is skipped, what retried."""
+    keys = [run_key(c, s) for c, s in runs]
+    skipped = sum(k in done for k in keys)
+    retried = sum(k in recorded and k not in done for k in keys)
+    if not skipped and not retried:
+        return
+    line = f"resuming from {results_path}: skipping {skipped} of {len(runs)} runs already finished"
+    if retried:
+        line += f"; retrying {retried} failed run(s), whose new rows replace their error rows"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_all(runs: list, done: set[str], recorded: set[str], varied: Sequence[str], results: ResultsFile,
+             summary: RunSummary, show: bool, main: bool) -> None:
+    """The loop of `run_spec`: every run not in ``done``, each recorded as it finishes (by rank 0)."""
     sources: dict[tuple, ModelSource] = {}
     data = DataCache()
     for number, (cfg, seed) in enumerate(_progress(runs, show, desc="runs"), start=1):
@@ -397,18 +444,11 @@ def run_spec(spec_or_path: SpecLike, output_dir: str | Path | None = None, *, pr
             record = _combine(cfg, seed, [p for p, _ in parts], elapsed, varied)
             summary.ran += 1
         if main:
-            results.append(record)
+            if record["key"] in recorded:
+                results.replace(record)  # a retried run: its old error row goes, so reruns do not pile them up
+            else:
+                results.append(record)
             _log(number, len(runs), record, show)
-    dist.barrier()
-
-    latest = results.latest() if main else {}
-    summary.records = [latest[k] for k in dict.fromkeys(run_key(c, s) for c, s in runs) if k in latest]
-    if main:
-        summary.summary_path, summary.plot_path = write_reports(summary.records, out)
-    dist.barrier()
-    if started_group:
-        dist.destroy()
-    return summary
 
 
 def _log(number: int, total: int, record: dict[str, Any], bars: bool) -> None:
@@ -426,5 +466,5 @@ def _log(number: int, total: int, record: dict[str, Any], bars: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["DataCache", "RunSummary", "calibration_inputs", "describe", "evaluate_run", "model_inputs", "run_spec",
+__all__ = ["DataCache", "RunInterrupted", "RunSummary", "calibration_inputs", "describe", "evaluate_run", "model_inputs", "run_spec",
            "seed_everything", "strategy_label"]

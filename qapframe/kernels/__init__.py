@@ -36,10 +36,13 @@ class Backend:
         return self.sensitivity(x, bits, group_size, symmetric)
 
 
-BACKENDS: dict[str, Backend] = {
+# Filled on first use (`_backends`): importing numba costs a second, and `qapframe list` or a quantizer
+# that never scores tokens should not pay it. ``BACKENDS`` / ``UNAVAILABLE`` are served by `__getattr__`.
+_BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", hybrid_sensitivity_reference, sensitivity_score_reference, None)
 }
-UNAVAILABLE: dict[str, str] = {}  # backend name -> why it is not registered
+_UNAVAILABLE: dict[str, str] = {}  # backend name -> why it is not registered
+_loaded = False
 
 
 def _register_optional(name: str, module: str, prefix: str, devices: tuple[str, ...]) -> None:
@@ -49,29 +52,45 @@ def _register_optional(name: str, module: str, prefix: str, devices: tuple[str, 
     except Exception as exc:  # a broken numba install must not take the package down
         reason = f"importing qapframe.kernels.{module} failed: {type(exc).__name__}: {exc}"
     if reason:
-        UNAVAILABLE[name] = reason
+        _UNAVAILABLE[name] = reason
         return
-    BACKENDS[name] = Backend(
+    _BACKENDS[name] = Backend(
         name, getattr(mod, f"hybrid_sensitivity_{prefix}"), getattr(mod, f"sensitivity_score_{prefix}"), devices
     )
 
 
-_register_optional("numba-cpu", "cpu", "cpu", ("cpu",))
-_register_optional("numba-cuda", "cuda", "cuda", ("cuda", "cpu"))
+def _backends() -> dict[str, Backend]:
+    """Every registered backend, the optional numba ones imported on the first call."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        _register_optional("numba-cpu", "cpu", "cpu", ("cpu",))
+        _register_optional("numba-cuda", "cuda", "cuda", ("cuda", "cpu"))
+    return _BACKENDS
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":
+        return _backends()
+    if name == "UNAVAILABLE":
+        _backends()
+        return _UNAVAILABLE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _default_backend(x: torch.Tensor) -> str:
     preferred = "numba-cuda" if x.is_cuda else "numba-cpu"
-    return preferred if preferred in BACKENDS else "torch"
+    return preferred if preferred in _backends() else "torch"
 
 
 def _resolve(x: torch.Tensor, backend: str | None) -> Backend:
+    backends = _backends()
     name = backend or _default_backend(x)
-    available = ", ".join(BACKENDS)
-    if name not in BACKENDS:
-        why = f" ({UNAVAILABLE[name]})" if name in UNAVAILABLE else ""
+    available = ", ".join(backends)
+    if name not in backends:
+        why = f" ({_UNAVAILABLE[name]})" if name in _UNAVAILABLE else ""
         raise ValueError(f"scoring backend {name!r} is not available{why}; available: {available}")
-    chosen = BACKENDS[name]
+    chosen = backends[name]
     if chosen.devices is not None and x.device.type not in chosen.devices:
         raise ValueError(
             f"scoring backend {name!r} takes {' or '.join(chosen.devices)} tensors, got one on {x.device}; "

@@ -15,12 +15,29 @@ drops numba's per-element zero-division check, which would otherwise block vecto
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+import os
+from pathlib import Path
+
+
+def numba_cache_dir() -> Path:
+    """Where qapframe's compiled kernels are cached: ``$XDG_CACHE_HOME/qapframe/numba`` (``~/.cache/...``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qapframe" / "numba"
+
+
+# Why before numba's import: with ``cache=True`` numba otherwise writes .nbi/.nbc files into the installed
+# package's ``__pycache__``; a later ``pip install -e`` leaves that folder behind in site-packages, where
+# Python imports it as an empty ``qapframe`` package that hides the editable one. numba re-reads the
+# variable whenever it compiles, so the environment (not ``numba.config``) is the setting that holds.
+# A user's own NUMBA_CACHE_DIR wins.
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 _JIT = dict(error_model="numpy", boundscheck=False, cache=True)
 _CHUNK = 16  # tokens per parallel work item: amortizes the per-item scratch row of the 2-byte paths
@@ -236,7 +253,9 @@ def _kernel(x, fmt, group, bits, symmetric, fuse, error, spread, score):
 def _run(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, fuse: bool):
     b, n, d = x.shape
     group = d if group_size == -1 else group_size
-    x = x.contiguous()  # no-op for the usual layout; a strided view is copied once
+    # detach: the kernel reads raw memory and is not differentiable (scores only rank tokens), and
+    # `.numpy()` refuses a tensor that requires grad (a pruned model called with autograd on).
+    x = x.detach().contiguous()  # no-op for the usual layout; a strided view is copied once
     if x.dtype == torch.float32:
         raw, fmt = x.numpy(), FMT_F32
     else:
@@ -266,4 +285,4 @@ def sensitivity_score_cpu(
     return _run(x, bits, group_size, symmetric, fuse=True)
 
 
-__all__ = ["hybrid_sensitivity_cpu", "sensitivity_score_cpu"]
+__all__ = ["hybrid_sensitivity_cpu", "numba_cache_dir", "sensitivity_score_cpu"]

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 from qapframe.models.attention import ProjectionCapture, last_token_attention
 from qapframe.models.pruning import ImageSelection, ImageTokens, image_spans, stack_padded, uses_right_padding
@@ -181,6 +180,8 @@ class InLLMPruning:
     def _mask(self, hidden: torch.Tensor, mask_2d: torch.Tensor, cache) -> torch.Tensor | None:
         # Sized against cache layer K + 1, which holds only kept tokens; no position ids, since kept
         # positions have gaps that would look like packed sequences.
+        from transformers.masking_utils import create_causal_mask  # lazily: see `LlavaAdapter.matches`
+
         return create_causal_mask(
             config=self.lm.config,
             inputs_embeds=hidden,

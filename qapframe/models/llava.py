@@ -23,7 +23,6 @@ import functools
 import inspect
 
 import torch
-from transformers import LlavaForConditionalGeneration
 
 from qapframe.models.attention import ProjectionCapture, cls_attention_and_keys
 from qapframe.models.base import ADAPTERS, ModelAdapter
@@ -189,7 +188,10 @@ class _Installation:
                 return original(input_ids, *args, **kwargs)
             pixel_values = kwargs.pop("pixel_values")
             vision = {k: kwargs.pop(k, None) for k in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")}
-            pruned = self.prune_inputs(input_ids, pixel_values, kwargs.pop("attention_mask", None), **vision)
+            # generate itself runs under no_grad; the pruning done before it must too, or a model used
+            # outside `torch.no_grad()` (as in the README) hands the scorers tensors that require grad.
+            with torch.no_grad():
+                pruned = self.prune_inputs(input_ids, pixel_values, kwargs.pop("attention_mask", None), **vision)
             out = original(*args, **pruned, **kwargs)
             # With inputs_embeds only, generate returns just the new tokens; prepend the prompt ids
             # so callers see the same layout as from the unwrapped model.
@@ -207,6 +209,9 @@ class LlavaAdapter(ModelAdapter):
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
+        # Imported here: importing transformers costs seconds, and `qapframe list` lists adapters without it.
+        from transformers import LlavaForConditionalGeneration
+
         return isinstance(model, LlavaForConditionalGeneration)
 
     def install(self, model, scorer: Scorer, pruner: Pruner, quant: QuantSettings | None = None, seed: int = 0):

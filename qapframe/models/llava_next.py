@@ -11,8 +11,6 @@ computed per crop and sent through the model's own packing, so they line up with
 from __future__ import annotations
 
 import torch
-from transformers import LlavaNextForConditionalGeneration
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from qapframe.models.attention import cls_attention_and_keys
 from qapframe.models.base import ADAPTERS
@@ -26,10 +24,14 @@ class LlavaNextAdapter(LlavaAdapter):
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
+        from transformers import LlavaNextForConditionalGeneration  # lazily, as in `LlavaAdapter.matches`
+
         return isinstance(model, LlavaNextForConditionalGeneration)
 
     def describe_images(self, model, features, capture, bound: dict) -> list[ImageTokens]:
         """Packed per-image ``features [N_i, D]`` plus packed CLS attention / keys and the newline mask."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         base = model.model
         image_sizes = bound["image_sizes"]
         crops = [

@@ -7,6 +7,7 @@ import random
 import statistics
 import time
 
+import pytest
 import torch
 
 from qapframe.eval.metrics import PrefillTimer, RecordOutcome, mean_std, record_metrics
@@ -62,3 +63,20 @@ def test_prefill_timer_times_from_arming_to_the_end_of_the_first_forward():
     timer.arm()
     model(torch.zeros(2))
     assert len(timer.seconds) == 2
+
+
+def test_cpu_peak_memory_is_reset_per_run_not_a_process_lifetime_maximum():
+    import torch
+
+    from qapframe.eval.metrics import PeakMemory
+
+    memory = PeakMemory(torch.device("cpu"))
+    memory.start()
+    if memory.kind != "cpu_peak_rss_per_run":
+        pytest.skip("this system cannot reset the resident-set peak (not Linux >= 4.0)")
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del big
+    first = memory.peak_mib()
+    memory.start()  # the next run
+    second = memory.peak_mib()
+    assert first - second > 200

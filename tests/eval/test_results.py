@@ -45,3 +45,14 @@ def test_write_json_atomically_replaces_the_file_whole_and_leaves_no_temporary(t
     write_json_atomically(path, {"rows": [1, 2]})
     assert json.loads(path.read_text()) == {"rows": [1, 2]} and path.read_text().endswith("\n")
     assert [p.name for p in path.parent.iterdir()] == ["rows.json"]
+
+
+def test_replace_swaps_every_line_of_a_key_and_keeps_the_rest(tmp_path):
+    results = ResultsFile(tmp_path / "results.jsonl")
+    results.append({"key": "a", "status": "error", "error": "first try"})
+    results.append({"key": "b", "status": "ok"})
+    with open(results.path, "a") as f:
+        f.write('{"key": "c", "stat')  # torn by a crash: left as it is, still ignored by readers
+    results.replace({"key": "a", "status": "ok"})
+    assert [(r["key"], r["status"]) for r in results] == [("b", "ok"), ("a", "ok")]
+    assert '{"key": "c", "stat' in results.path.read_text() and not list(tmp_path.glob("*.tmp"))

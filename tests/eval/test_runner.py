@@ -54,14 +54,18 @@ def test_sweep_expands_to_every_configuration_and_seed(smoke_run):
 def test_summary_table_and_plot_are_written(smoke_run):
     _, out, summary = smoke_run
     text = (out / "summary.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| rtn")]
-    assert len(rows) == 2  # one row per configuration, seeds aggregated
+    table = text.split("## Plot key")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| A |")]
+    assert len(rows) == 2  # one row per configuration, seeds aggregated; both on curve A of the plot
     records = lines(out)
     for row, retention in zip(rows, (0.5, 0.25)):
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[3] == f"{retention:g}" and cells[8] == "2" and cells[9] == "0"
+        assert cells[1:4] == ["rtn(scheme=W4A4)", "hybrid", "topk"]  # quantizer, scorer, pruner: no repeats
+        assert cells[4] == f"{retention:g}" and cells[9] == "2" and cells[10] == "0"
         tokens = [r["metrics"]["retained_tokens"] for r in records if r["retention"] == retention]
-        assert cells[5] == f"{sum(tokens) / 2:.1f} ± 0.0"
+        assert cells[6] == f"{sum(tokens) / 2:.1f} ± 0.0"
+    assert "| A | rtn + hybrid | rtn(scheme=W4A4) | hybrid | topk | C0 | o |" in text  # the plot's key
+    assert "reset at the start of each run" in text  # what the memory column measures
     png = summary.plot_path.read_bytes()
     assert summary.plot_path.name == "accuracy_vs_retention.png" and png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -115,6 +119,8 @@ def test_a_failing_configuration_is_recorded_and_the_rest_go_on(tiny_llava_dir, 
     assert "1 (QapframeError: model.path" in (tmp_path / "summary.md").read_text()
     retry = run_spec(spec, output_dir=tmp_path)  # errors are retried, successes skipped
     assert (retry.ran, retry.failed, retry.skipped) == (0, 1, 1)
+    ok_again, again = lines(tmp_path)  # the retried run's new row replaced its old error row
+    assert again["key"] == failed["key"] and again["status"] == "error" and ok_again == ok
 
 
 def test_results_file_holds_complete_json_lines_after_each_run(tiny_llava_dir, tmp_path, monkeypatch):
@@ -176,3 +182,66 @@ def test_smoke_spec_is_valid_and_small():
     runs = [(c, s) for c in spec.expand() for s in c.evaluation.seeds]
     assert len(runs) == 2 and {c.pruner.config.retention for c, _ in runs} == {0.5, 0.25}
     assert spec.quantizer is not None and spec.evaluation.num_samples <= 64
+
+
+def test_rerun_says_how_many_runs_it_skips_and_retries(tiny_llava_dir, tmp_path, capsys):
+    spec = {"model": {"path": str(tiny_llava_dir)}, "evaluation": EVAL,
+            "sweep": {"model.path": [str(tmp_path / "missing"), str(tiny_llava_dir)]}}
+    run_spec(spec, output_dir=tmp_path, progress=False)
+    assert "resuming" not in capsys.readouterr().err  # a first run has nothing to resume
+    run_spec(spec, output_dir=tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert (f"resuming from {tmp_path / 'results.jsonl'}: skipping 1 of 2 runs already finished; "
+            "retrying 1 failed run(s), whose new rows replace their error rows") in err
+
+
+def test_ctrl_c_stops_with_the_recorded_runs_intact(tiny_llava_dir, tmp_path, monkeypatch):
+    spec = smoke_on(tiny_llava_dir, seeds=[0, 1])
+    real = runner_module.evaluate_run
+    calls = []
+
+    def interrupted_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "evaluate_run", interrupted_third)
+    with pytest.raises(runner_module.RunInterrupted) as info:
+        run_spec(spec, output_dir=tmp_path, progress=False)
+    assert (info.value.recorded, info.value.total) == (2, 4) and len(lines(tmp_path)) == 2
+    monkeypatch.setattr(runner_module, "evaluate_run", real)
+    resumed = run_spec(spec, output_dir=tmp_path, progress=False)
+    assert (resumed.skipped, resumed.ran) == (2, 2) and len({r["key"] for r in lines(tmp_path)}) == 4
+
+
+def test_plot_entries_have_short_labels_and_styles_no_two_share():
+    from qapframe.eval.report import ConfigurationRow, plot_entries
+
+    def row(q, s, p, retention, accuracy):
+        r = ConfigurationRow(f"{q}{s}{p}{retention}", "", q, s, p, retention)
+        r.ok = [{"metrics": {"accuracy": accuracy}}, {"metrics": {"accuracy": accuracy + 0.02}}]
+        return r
+
+    scorers = [f"hybrid(alpha={a / 10}, quant_error_weight=0.5, outlier_weight=0)" for a in range(12)]
+    rows = [row("rtn(scheme=W4A4, act_dynamic=False)", s, "topk", r, 0.5) for s in scorers for r in (0.5, 0.25)]
+    rows += [row("fp", "dense", "", None, 0.9), row("rtn(scheme=W4A4, act_dynamic=False)", "dense", "", None, 0.85)]
+    entries = plot_entries(rows)
+    curves = [e for e in entries if not e.dense]
+    baselines = [e for e in entries if e.dense]
+    assert len(curves) == 12 and [e.key for e in baselines] == ["D1", "D2"]
+    assert len({(e.color, e.marker) for e in curves}) == 12  # no two curves look alike
+    assert not {e.color for e in baselines} & {e.color for e in curves}  # baselines never take a curve's colour
+    assert all(len(e.label) <= 32 for e in entries) and curves[0].label == "A  rtn + hybrid"
+    assert baselines[0].label == "D1  fp dense" and baselines[0].points == [(1.0, 0.91, pytest.approx(0.0141, abs=1e-4))]
+
+
+def test_no_plot_and_a_clear_summary_when_every_run_failed(tmp_path):
+    from qapframe.eval.report import PLOT_FILE, write_reports
+
+    (tmp_path / PLOT_FILE).write_bytes(b"stale")
+    record = {"key": "k", "configuration_id": "c", "label": "fp / dense / dense", "quantizer": "fp",
+              "scorer": "dense", "pruner": "", "retention": None, "status": "error", "error": "boom"}
+    summary, plot = write_reports([record], tmp_path)
+    assert plot is None and not (tmp_path / PLOT_FILE).exists()
+    assert "No run succeeded, so no plot was written." in summary.read_text()
