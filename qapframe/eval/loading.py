@@ -20,21 +20,19 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_model_path(spec: ModelSpec) -> Path:
-    """``model.path`` as a directory: ``toy`` is qapframe's embedded LLaVA, anything else a local folder."""
-    if spec.path == "toy":
-        try:
-            from qapframe.toy import TOY_PATH
-        except ImportError:
-            raise QapframeError(
-                "model.path: 'toy' names qapframe's embedded LLaVA, but this installation has no "
-                "qapframe.toy.TOY_PATH; give a local model directory instead"
-            ) from None
-        return Path(TOY_PATH)
+    """``model.path`` as a directory: a registered model source (``toy``, ``smollm2-135m``, plugins') or a
+    local folder."""
+    from qapframe.sources import MODEL_SOURCES, resolve_named_model
+
+    named = resolve_named_model(spec.path)
+    if named is not None:
+        return named
     path = Path(spec.path).expanduser()
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
+        names = ", ".join(repr(n) for n in MODEL_SOURCES.names())
         raise QapframeError(
-            f"model.path: {spec.path!r} {what}; valid values are 'toy' (the embedded model) or a local "
+            f"model.path: {spec.path!r} {what}; valid values are a named model ({names}) or a local "
             "directory saved with save_pretrained (config.json, weights and processor files)"
         )
     return path
@@ -52,6 +50,10 @@ def _model_class(path: Path):
         from transformers import LlavaNextForConditionalGeneration
 
         return LlavaNextForConditionalGeneration
+    if getattr(config, "vision_config", None) is None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM  # a text-only LLM (e.g. smollm2-135m): quantization and perplexity
     return AutoModelForImageTextToText  # other image-text-to-text families; an adapter must support them
 
 
@@ -69,6 +71,7 @@ def load_model(spec: ModelSpec, device: str | None = None) -> torch.nn.Module:
 
 
 def load_processor(spec: ModelSpec):
+    """The processor of a vision-language model, or the tokenizer of a text-only one."""
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(resolve_model_path(spec))
