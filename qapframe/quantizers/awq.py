@@ -61,7 +61,8 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec, grid: i
     xg = x.float().reshape(x.shape[0], -1, g)  # [n, G, g]
     ref = torch.einsum("ngk,ogk->nog", xg, wg)
     max0 = wg.abs().amax(dim=-1, keepdim=True)  # [O, G, 1]
-    best_err = torch.full(max0.shape[:2], float("inf"))
+    # The buffer follows the weight: on CUDA a CPU buffer fails at the first comparison.
+    best_err = torch.full(max0.shape[:2], float("inf"), device=max0.device)
     best_max = max0.clone()
     for i in range(int(max_shrink * grid) + 1):
         m = max0 * (1 - i / grid)

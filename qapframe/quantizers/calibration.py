@@ -36,13 +36,13 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first block needs to run."""
 
 
-def select_samples(calibration: Iterable[Mapping[str, Any]] | None, count: int, seed: int,
+def select_samples(calibration: Iterable[Mapping[str, Any]] | None, count: int | None, seed: int,
                    device: torch.device) -> list[dict]:
-    """Up to ``count`` input dicts (a seeded choice when more are given), tensors moved to ``device``."""
+    """Up to ``count`` input dicts (a seeded choice when more are given; None = all), tensors moved to ``device``."""
     if calibration is None:
         return []
     samples = list(calibration)
-    if len(samples) > count:
+    if count is not None and len(samples) > count:
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count]
         samples = [samples[i] for i in sorted(order.tolist())]
     for i, sample in enumerate(samples):
@@ -79,6 +79,8 @@ class BlockData:
         self.module = module
         self.inputs = inputs
         self._mask: torch.Tensor | None = None
+        # id(module) -> calls per input, learnt by `input_groups` on the first input; lets a pass stop early.
+        self._calls: dict[int, int] = {}
 
     @torch.no_grad()
     def forward(self, limit: int | None = None) -> list[torch.Tensor]:
@@ -107,6 +109,39 @@ class BlockData:
                 module.observers.remove(callback)
 
     @torch.no_grad()
+    def run_observed(self, modules: Mapping[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """`observe` over every input, running each only until ``modules`` have all been called.
+
+        The rest of the block cannot change what they see, so it is skipped (a Hessian of q/k/v needs no
+        attention or MLP). Without call counts from `input_groups`, or for a module the first input never
+        called (data-dependent routing), each input runs in full.
+        """
+        expected = {id(m): self._calls.get(id(m), 0) for m in modules.values()}
+        if not expected or min(expected.values()) == 0:
+            with self.observe(modules, fn):
+                self.forward()
+            return
+        seen: dict[int, int] = {}
+        by_name = {name: id(m) for name, m in modules.items()}
+
+        def counted(name: str, x: torch.Tensor) -> None:
+            fn(name, x)
+            key = by_name[name]
+            seen[key] = seen.get(key, 0) + 1
+            if len(seen) == len(expected) and all(seen[k] >= n for k, n in expected.items()):
+                raise _StopForward
+
+        with self.observe(modules, counted):
+            for inp in self.inputs:
+                seen.clear()
+                self._mask = inp.mask
+                try:
+                    self.module(*inp.args, **inp.kwargs)
+                except _StopForward:
+                    pass
+        self._mask = None
+
+    @torch.no_grad()
     def input_groups(self, modules: Mapping[str, nn.Module]) -> list[list[str]]:
         """Modules grouped by the input tensor they share (e.g. q/k/v), groups in call order."""
         seen: list[tuple[str, torch.Tensor]] = []  # keeps inputs alive so no address is reused mid-pass
@@ -132,6 +167,8 @@ class BlockData:
                     break
             else:
                 groups.append((x, [name]))
+        for name, module in modules.items():
+            self._calls[id(module)] = sum(1 for n, _ in seen if n == name)
         called = {n for _, members in groups for n in members}
         return [members for _, members in groups] + [[n] for n in modules if n not in called]
 

@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
+from qapframe.quantizers.observers import OBSERVERS
+from qapframe.quantizers.rotations.base import RotationSpec
+from qapframe.spec import StrategySpec
 from qapframe.strategy import StrategyConfig
 
 # scheme -> (weight_bits, act_bits); act_bits 16 means activations stay in the model's dtype.
@@ -36,6 +39,12 @@ class ActSpec:
     dynamic: bool  # per token at run time; otherwise one static range per tensor from calibration
 
 
+class ObserverSpec(StrategySpec):
+    """``{name: minmax | percentile | mse | <plugin>, **params}``: how static activation ranges are chosen."""
+
+    registry = OBSERVERS  # type: ignore[assignment]
+
+
 class QuantizerConfig(StrategyConfig):
     """Shared quantizer parameters; ``scheme`` fills ``weight_bits``/``act_bits`` (default W4A16)."""
 
@@ -51,8 +60,18 @@ class QuantizerConfig(StrategyConfig):
     act_dynamic: bool = Field(True, description="dynamic per-token ranges; False = static per-tensor from calibration")
     targets: list[str] = Field(default_factory=lambda: ["*"], description="Linear names to quantize (fnmatch, or 're:<regex>')")
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE), description="Linear names left in fp")
-    calibration_samples: int = Field(32, ge=1, description="calibration inputs used (seeded choice when more are given)")
+    calibration_samples: int | None = Field(
+        None, ge=1, description="calibration inputs used (seeded choice when more are given); None = every one given. "
+        "In a spec, evaluation.calibration_samples decides how many records are built; a value here must equal it"
+    )
     seed: int = Field(0, description="seed of the calibration choice")
+    act_observer: ObserverSpec = Field(
+        default_factory=lambda: ObserverSpec(name="minmax"),
+        description="how static activation ranges (act_dynamic=false) are chosen: minmax, percentile, mse",
+    )
+    rotation: RotationSpec | None = Field(
+        None, description="rotation applied before quantizing, e.g. {name: hadamard, seed: 0}; None = none"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -109,4 +128,4 @@ class QuantizerConfig(StrategyConfig):
         return ActSpec(self.act_bits, self.act_group_size, self.act_symmetric, self.act_dynamic)
 
 
-__all__ = ["ActSpec", "DEFAULT_IGNORE", "PRESETS", "QuantizerConfig", "WeightSpec"]
+__all__ = ["ActSpec", "DEFAULT_IGNORE", "ObserverSpec", "PRESETS", "QuantizerConfig", "WeightSpec"]

@@ -15,6 +15,7 @@ from torch import nn
 from qapframe.distributed import all_reduce_
 from qapframe.kernels.reference import fake_quantize_groups
 from qapframe.quantizers.config import ActSpec, WeightSpec
+from qapframe.quantizers.observers import MinMaxObserver, Observer
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -62,15 +63,27 @@ def group_index(in_features: int, group_size: int, perm: torch.Tensor | None = N
     return idx
 
 
+def _weight_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``W [O, I]`` -> float32 ``[O, G, g]``, the last group padded with a copy of its first column."""
+    out_f, in_f = weight.shape
+    g = in_f if group_size == -1 else group_size
+    pad = (-in_f) % g
+    w = weight.float()
+    if pad:  # repeating a column of the last group leaves its min/max unchanged
+        w = torch.cat([w, w[:, in_f - in_f % g : in_f - in_f % g + 1].expand(out_f, pad)], dim=1)
+    return w.reshape(out_f, -1, g)
+
+
+def group_qparams(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RTN grid of every weight group: ``W [O, I]`` -> ``(scales [O, G], zeros [O, G])`` float32."""
+    scale, zero = qparams(_weight_groups(weight, spec.group_size), spec.bits, spec.symmetric)
+    return scale.squeeze(-1), zero.squeeze(-1)
+
+
 def quantize_weight_rtn(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: ``W [O, I]`` -> ``(codes [O, I], scales [O, G], zeros [O, G], g_idx [I])``."""
     out_f, in_f = weight.shape
-    g = in_f if spec.group_size == -1 else spec.group_size
-    pad = (-in_f) % g
-    w = weight.float()
-    if pad:  # repeat the last group's first column: its min/max are unchanged
-        w = torch.cat([w, w[:, in_f - in_f % g : in_f - in_f % g + 1].expand(out_f, pad)], dim=1)
-    groups = w.reshape(out_f, -1, g)  # [O, G, g]
+    groups = _weight_groups(weight, spec.group_size)  # [O, G, g]
     scale, zero = qparams(groups, spec.bits, spec.symmetric)
     codes = quantize(groups, scale, zero, spec.bits, spec.symmetric).reshape(out_f, -1)[:, :in_f]
     return codes, scale.squeeze(-1), zero.squeeze(-1), group_index(in_f, spec.group_size)
@@ -83,12 +96,17 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 class ActQuantizer(nn.Module):
-    """Fake-quantizes a Linear's input: dynamic per token/group, or static per tensor from calibration."""
+    """Fake-quantizes a Linear's input: dynamic per token/group, or static per tensor from calibration.
 
-    def __init__(self, spec: ActSpec):
+    A static range is the running min/max of what `observe` sees, narrowed at `reduce_over_ranks` by the
+    ``observer`` (see `qapframe.quantizers.observers`; the default, minmax, keeps it as it is).
+    """
+
+    def __init__(self, spec: ActSpec, observer: Observer | None = None):
         super().__init__()
         self.spec = spec
         self.enabled = False  # switched on once the module's weights are quantized (and static ranges calibrated)
+        self.observer = observer if observer is not None else MinMaxObserver()  # calibration state, not saved
         # Static range, float32 scalars; +/-inf until observed.
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
@@ -96,11 +114,19 @@ class ActQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         self.lo = torch.minimum(self.lo, x.detach().float().amin())
         self.hi = torch.maximum(self.hi, x.detach().float().amax())
+        self.observer.observe(x)
 
     def reduce_over_ranks(self) -> None:
-        """Widen the observed range to every rank's (a no-op in one process), so ranks agree."""
+        """End calibration: widen the observed range to every rank's, then let the observer choose within it.
+
+        Both steps are reductions over ranks (no-ops in one process), so ranks agree on the range.
+        """
         all_reduce_(self.lo, "min")
         all_reduce_(self.hi, "max")
+        if torch.isfinite(self.lo):
+            lo, hi = self.observer.range(self.lo.float(), self.hi.float(), self.spec.bits, self.spec.symmetric)
+            self.lo, self.hi = lo.to(self.lo), hi.to(self.hi)
+        self.observer = MinMaxObserver()  # drops the observer's samples
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D], same dtype
         if not self.enabled:
@@ -143,8 +169,11 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.register_buffer("smooth", None)  # [I] float32 input divisors, when smoothing could not be folded
         self.act_quant = ActQuantizer(act_spec) if act_spec is not None else None
+        # An orthogonal transform of the input (a rotation's online Hadamard), applied first; its inverse
+        # is already in the weight.
+        self.input_transform: nn.Module | None = None
         self.quantized = False
-        self.observers: list = []  # calibration callbacks seeing the (smoothed) input
+        self.observers: list = []  # calibration callbacks seeing the (transformed, smoothed) input
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_spec: WeightSpec, act_spec: ActSpec | None) -> "QuantizedLinear":
@@ -154,6 +183,7 @@ class QuantizedLinear(nn.Module):
         module.weight = w.detach().clone()
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()
+        module.input_transform = getattr(linear, "input_transform", None)
         return module
 
     def set_smooth(self, divisor: torch.Tensor) -> None:
@@ -176,6 +206,8 @@ class QuantizedLinear(nn.Module):
         self.weight = dequantize_weight(self.qweight, self.scales, self.zeros, self.g_idx).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.smooth is not None:
             x = (x.float() / self.smooth).to(x.dtype)
         for observe in self.observers:
@@ -192,5 +224,5 @@ class QuantizedLinear(nn.Module):
 
 __all__ = [
     "ActQuantizer", "QuantizedLinear", "code_range", "dequantize", "dequantize_weight", "group_index",
-    "qparams", "quantize", "quantize_weight_rtn",
+    "group_qparams", "qparams", "quantize", "quantize_weight_rtn",
 ]

@@ -32,11 +32,16 @@ class LayerwiseQuantizer(Quantizer):
         return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
 
     def wrap(self, linear: nn.Linear) -> QuantizedLinear:
-        return QuantizedLinear.from_linear(linear, self.config.weight_spec, self.config.act_spec)
+        module = QuantizedLinear.from_linear(linear, self.config.weight_spec, self.config.act_spec)
+        if module.act_quant is not None and not module.act_quant.spec.dynamic:
+            module.act_quant.observer = self.config.act_observer.build()  # one per module: it keeps samples
+        return module
 
     @torch.no_grad()
     def apply(self, model: nn.Module, calibration: CalibrationData | None = None) -> nn.Module:
         cfg = self.config
+        if cfg.rotation is not None:  # first: every later step sees the rotated model
+            cfg.rotation.build().apply(model)
         linears = select_linears(model, cfg.targets, cfg.ignore)
         if not linears:
             some = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
@@ -45,8 +50,11 @@ class LayerwiseQuantizer(Quantizer):
                 f"the model's Linears include {some or '(none)'}"
             )
         device = next(model.parameters()).device
-        samples = select_samples(calibration, cfg.calibration_samples, cfg.seed, device)
-        if not samples and self.needs_calibration():
+        needs = self.needs_calibration()
+        # A quantizer that needs no data (RTN with weight-only or dynamic activations) ignores what it is
+        # given: running the sequential calibration forward would only cost time.
+        samples = select_samples(calibration, cfg.calibration_samples, cfg.seed, device) if needs else []
+        if not samples and needs:
             raise ValueError(
                 f"{self.name} needs calibration data (an iterable of model-input dicts); "
                 "only RTN with dynamic activations (act_dynamic=true) runs without it"

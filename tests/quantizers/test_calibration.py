@@ -42,8 +42,9 @@ def test_each_block_is_calibrated_on_the_quantized_outputs_of_the_blocks_before(
     calibration = [llava_inputs(1, seed=i) for i in range(2)]
     model = qapframe.quantize(tiny_llava(), {"name": "gptq", "scheme": "W4A16", "group_size": 32}, calibration)
     hessians = list(dict.fromkeys(h for h, _ in recorded))
-    assert len(hessians) == 3 * 7  # one per Linear, layer after layer
-    layer1_qkv = [x for h, x in recorded if h is hessians[7]]  # layer 1's q_proj
+    # one per input (q/k/v share one, gate/up share one, o_proj, down_proj), layer after layer
+    assert len(hessians) == 3 * 4
+    layer1_qkv = [x for h, x in recorded if h is hessians[4]]  # layer 1's q/k/v
     seen = []
     q_proj = model.model.language_model.layers[1].self_attn.q_proj
     q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
@@ -88,3 +89,23 @@ def test_models_without_blocks_fall_back_to_one_pass(caplog):
             errors[name] = float((model(x) - ref).norm())
     assert "no repeated blocks found" in caplog.text
     assert errors["gptq"] < errors["rtn"]
+
+
+@pytest.mark.parametrize("spec", [{"name": "rtn", "scheme": "W4A16"}, {"name": "rtn", "scheme": "W4A4"},
+                                  {"name": "rtn", "scheme": "W4A16", "rotation": {"name": "hadamard"}}])
+def test_rtn_without_static_ranges_runs_no_calibration_forward(spec):
+    """Issue 25: weight-only (or dynamic-activation) RTN needs no data; given some, it must not run the model."""
+    calls = []
+    model = tiny_llava()
+    for layer in model.model.language_model.layers:
+        layer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    calibration = [llava_inputs(1, seed=i) for i in range(4)]
+    with_data = qapframe.quantize(model, spec, calibration)
+    assert calls == []
+    without = qapframe.quantize(tiny_llava(), spec).state_dict()
+    assert all(torch.equal(v, without[k]) for k, v in with_data.state_dict().items())
+    # static ranges do need the data: then the blocks run
+    model = tiny_llava()
+    model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    qapframe.quantize(model, {"name": "rtn", "scheme": "W8A8", "act_dynamic": False}, calibration)
+    assert calls

@@ -102,3 +102,14 @@ def test_clip_search_never_increases_output_error():
     clipped = clip_search(w, x, spec, grid=20, max_shrink=0.5)
     assert err(fake_rtn(clipped, spec)) <= err(fake_rtn(w, spec)) + 1e-6
     assert (clipped.abs() <= w.abs() + 1e-6).all()
+
+
+def test_clip_search_buffers_follow_the_weight_device():
+    """Issue 25: the error buffer was allocated on the CPU, so AWQ with clip=true failed on CUDA.
+
+    The meta device stands in for CUDA: any CPU buffer mixed into the search raises there, as on a GPU.
+    """
+    w = torch.randn(8, 64, device="meta")
+    x = torch.randn(32, 64, device="meta")
+    clipped = clip_search(w, x, WeightSpec(4, 32, False), grid=4, max_shrink=0.5)
+    assert clipped.device.type == "meta" and clipped.shape == (8, 64)
