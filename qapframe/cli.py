@@ -23,12 +23,21 @@ A spec is YAML or JSON with sections model, quantizer, scorer, pruner, evaluatio
 optional sweep); see the README."""
 
 
+# Every registry `qapframe list` shows (named model sources as "source"); kept literal so that building the
+# parser imports nothing.
+KINDS = ("quantizer", "rotation", "observer", "scorer", "pruner", "model", "source")
+
+
 def _registries() -> dict[str, Any]:
     from qapframe.models.base import ADAPTERS
     from qapframe.quantizers.base import QUANTIZERS
+    from qapframe.quantizers.observers import OBSERVERS
+    from qapframe.quantizers.rotations.base import ROTATIONS
+    from qapframe.sources import MODEL_SOURCES
     from qapframe.strategies.base import PRUNERS, SCORERS
 
-    return {"quantizer": QUANTIZERS, "scorer": SCORERS, "pruner": PRUNERS, "model": ADAPTERS}
+    return {"quantizer": QUANTIZERS, "rotation": ROTATIONS, "observer": OBSERVERS, "scorer": SCORERS,
+            "pruner": PRUNERS, "model": ADAPTERS, "source": MODEL_SOURCES}
 
 
 def _listing(kinds: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -45,7 +54,7 @@ def _listing(kinds: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    kinds = [args.kind] if args.kind else ["quantizer", "scorer", "pruner", "model"]
+    kinds = [args.kind] if args.kind else list(KINDS)
     listing = _listing(kinds)
     if args.json:
         print(json.dumps(listing, indent=2, default=str))
@@ -70,7 +79,7 @@ def _names(labels: Sequence[str]) -> str:
 
 def _describe(spec) -> str:
     """``84 runs = 28 configurations x 3 seeds; model toy; quantizers fp, rtn (2 variants), gptq; ...``."""
-    from qapframe.eval.runner import describe  # labels only: imports no model code
+    from qapframe.eval.labels import describe  # labels only: imports no model code
 
     configurations = spec.expand()
     infos = [describe(cfg) for cfg in configurations]
@@ -152,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="List every registered quantizer, scorer, pruner and model adapter, "
                             "with its source (built-in or the plugin's distribution) and parameters with defaults.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--kind", choices=["quantizer", "scorer", "pruner", "model"], help="only this kind")
+    p.add_argument("--kind", choices=KINDS, help="only this kind")
     p.set_defaults(func=cmd_list)
 
     p = commands.add_parser("validate", help="check a spec file without running it",

@@ -13,7 +13,10 @@ from qapframe.cli import main
 def test_list_json_shows_every_kind_with_sources_and_parameter_defaults(capsys):
     assert main(["list", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert set(listing) == {"quantizer", "scorer", "pruner", "model"}
+    assert set(listing) == {"quantizer", "rotation", "observer", "scorer", "pruner", "model", "source"}
+    assert {"hadamard", "orthogonal"} <= {row["name"] for row in listing["rotation"]}
+    assert {"minmax", "percentile", "mse"} <= {row["name"] for row in listing["observer"]}
+    assert {"toy", "smollm2-135m"} <= {row["name"] for row in listing["source"]}
     topk = next(row for row in listing["pruner"] if row["name"] == "topk")
     assert topk["source"] == "built-in"
     assert topk["parameters"] == {"retention": 0.125, "num_tokens": None}

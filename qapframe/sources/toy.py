@@ -9,6 +9,7 @@ from qapframe.sources import MODEL_SOURCES
 
 @MODEL_SOURCES.register("toy")
 def toy() -> Path:
+    """The trained toy LLaVA inside the installed package (2.7 M parameters, 64 vision tokens an image)."""
     from qapframe.toy import TOY_PATH
 
     return Path(TOY_PATH)
