@@ -3,7 +3,7 @@
 Prints a table (retention, prefill ms, speedup, FLOP-ideal speedup, ratio, scoring overhead share)
 and writes it as JSON with ``--out``. Weights are random: only time is measured.
 
-    python benchmarks/prefill.py --out prefill.json
+    python benchmarks/prefill.py --out benchmarks/results/prefill.json
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Prints one row per (setting, method): relative error of the final hidden states and mean cosine of
 the sentence embeddings on held-out sentences, and quantization wall time. Run from the repo root:
 
-    OMP_NUM_THREADS=1 python benchmarks/quantizers.py --out runs/quantizers.json
+    python benchmarks/quantizers.py --threads 2 --out benchmarks/results/quantizers.json
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
     python benchmarks/token_selection.py [--spec qapruner] [--samples 200] [--retentions 0.25 0.125]
                                          [--out benchmarks/results/token_selection.json]
 
-Why: on the toy, QAPruner's hybrid score keeps worse tokens than VisionZip's [CLS] attention alone, and
-quantization widens the gap. An answer about an object needs a token of its grid cell, so this asks of
-each score (every one ranked by the top-k pruner at the same budget, VisionZip included):
+Why: an answer about an object needs a token of its grid cell, so where a score's kept tokens lie explains
+its accuracy under pruning (docs/results.md, "Which tokens the scores keep"). This asks of each score (every
+one ranked by the top-k pruner at the same budget, VisionZip included):
 
 - object AUC: the chance that a token of an occupied cell outscores a token of an empty one (per image,
   then averaged); 0.5 means the score is blind to objects, below 0.5 that it prefers the background;
@@ -30,7 +30,7 @@ from qapframe.eval.results import write_json_atomically
 from qapframe.eval.runner import DataCache, calibration_inputs, model_inputs, seed_everything
 from qapframe.pipeline import Pipeline
 from qapframe.spec import load_spec
-from qapframe.toy.vision_pretrain import cell_labels, patch_cells
+from qapframe.data.synthetic import cell_labels, patch_cells
 
 # label -> scorer spec; each is ranked by the top-k pruner. The first is the reference the others are compared with.
 SEMANTIC = "visionzip ([CLS] attention)"
@@ -46,10 +46,13 @@ SCORERS: dict[str, dict] = {
 }
 
 
-def occupied_tokens(records) -> torch.Tensor:
+TOY_PATCH_SIZE = 8  # the toy's vision tower reads 8x8-pixel patches: 64 tokens an image
+
+
+def occupied_tokens(records, patch_size: int = TOY_PATCH_SIZE) -> torch.Tensor:
     """``[B, N]`` bool: the token's patch centre lies in a grid cell that holds an object."""
     colour, _ = cell_labels(records)  # [B, 9], 0 = empty
-    return (colour != 0)[:, patch_cells()]
+    return (colour != 0)[:, patch_cells(patch_size)]
 
 
 def object_auc(scores: torch.Tensor, occupied: torch.Tensor) -> float:
@@ -72,7 +75,7 @@ def shared(keep: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
 
 def coverage(keep: list[torch.Tensor], records) -> tuple[float, float]:
     """(share of objects with a kept token in their cell, share of kept tokens in occupied cells)."""
-    cells = patch_cells()
+    cells = patch_cells(TOY_PATCH_SIZE)
     colour, _ = cell_labels(records)  # [B, 9], 0 = empty
     occupied = (colour != 0)[:, cells]  # [B, N], as `occupied_tokens`
     covered = total = 0

@@ -10,6 +10,8 @@ from qapframe.strategies.base import PRUNERS, SCORERS, Pruner, Scorer, Selection
 from qapframe.strategies.context import QuantSettings, ScoringContext
 from qapframe.strategy import Strategy, StrategyConfig
 
+from qapframe.deploy import export, load
+
 __version__ = "0.1.0"  # the only copy: pyproject.toml reads it (dynamic version), `qapframe --version` prints it
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "SpecError",
     "Strategy",
     "StrategyConfig",
+    "export",
+    "load",
     "load_spec",
     "quantize",
 ]

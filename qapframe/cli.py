@@ -1,4 +1,4 @@
-"""The `qapframe` command line: list strategies, validate a spec, run a pipeline."""
+"""The `qapframe` command line: list strategies, validate a spec, run a pipeline, export its model."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ examples:
   qapframe list                      every quantizer, scorer, pruner and model adapter, with parameters
   qapframe validate specs/smoke.yaml check a spec without running it
   qapframe run specs/qapruner.yaml   compress the embedded toy LLaVA and evaluate it (the paper's experiment)
+  qapframe export SPEC --out DIR     write the spec's compressed model as a compressed-tensors checkpoint
 
 A spec is YAML or JSON with sections model, quantizer, scorer, pruner, evaluation, output (and an
 optional sweep); see the README."""
@@ -146,6 +147,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from qapframe.deploy.command import export_spec
+
+    out = export_spec(args.spec, args.out, key=args.key, overwrite=args.overwrite,
+                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"{args.spec}: exported to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qapframe",
@@ -178,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="path to a .yaml/.yml/.json pipeline spec")
     p.add_argument("--output", "-o", metavar="DIR", help="output directory (default: the spec's output.dir)")
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("export", help="quantize a spec's model and write a compressed-tensors checkpoint",
+                            description="Load the spec's model, quantize it (calibrating as `run` would, first seed), "
+                            "install its token pruning, and write a Hugging Face directory in the compressed-tensors "
+                            "format (transformers and vLLM load it; `qapframe.load` reinstalls the pruning). Exit "
+                            "status: 0 written, 2 a mistake (spec, unexportable setting, non-empty --out).")
+    p.add_argument("spec", metavar="SPEC_OR_RUN",
+                   help="a .yaml/.yml/.json spec with one configuration, or a `qapframe run` output directory")
+    p.add_argument("--key", help="with a run directory: the run (its results.jsonl key, or a prefix) to export")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is complete")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -12,101 +12,49 @@ import difflib
 import itertools
 import json
 import math
-import re
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from qapframe.errors import QapframeError, SpecError
+from qapframe.errors import SpecError
 from qapframe.registry import Registry
-from qapframe.strategy import Strategy, StrategyConfig
+from qapframe.sources import model_path_problem  # re-exported: it used to live here
+# The strategy entries live beside their strategies; re-exported here, where they used to be defined.
+from qapframe.strategies.specs import PrunerSpec, ScorerSpec
+from qapframe.strategy import Strategy, StrategyConfig, StrategySpec
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN is never a setting (see StrategyConfig)
 
 
-class StrategySpec(BaseModel):
-    """``{name, **params}`` for one registered strategy; params validated by its own ``Config``."""
+def _quantizers() -> Registry:
+    # Imported lazily: qapframe.quantizers imports `StrategySpec` (re-exported here) for its own sub-specs.
+    from qapframe.quantizers.base import QUANTIZERS
 
-    model_config = ConfigDict(extra="allow")
-    registry: ClassVar[Registry]
-
-    name: str
-    _config: StrategyConfig = PrivateAttr()
-
-    @model_validator(mode="after")
-    def _validate_params(self) -> "StrategySpec":
-        try:
-            cls = self.registry.get(self.name)
-        except QapframeError as exc:
-            raise ValidationError.from_exception_data(
-                type(self).__name__,
-                [InitErrorDetails(type=PydanticCustomError("unknown_name", str(exc)), loc=("name",), input=self.name)],
-            ) from None
-        # A nested ValidationError keeps its field locations under this section's path.
-        self._config = cls.Config.model_validate(self.model_extra or {})
-        return self
-
-    @property
-    def strategy_class(self) -> type[Strategy]:
-        return self.registry.get(self.name)
-
-    @property
-    def config(self) -> StrategyConfig:
-        return self._config
-
-    def build(self) -> Strategy:
-        return self.strategy_class(self._config)
-
-    @model_serializer(mode="plain")
-    def _serialize(self) -> dict[str, Any]:
-        return {"name": self.name, **self._config.model_dump(mode="json")}
-
-
-def _registry(kind: str) -> Registry:
-    # Imported lazily: the strategy packages import this module's siblings, not the reverse.
-    if kind == "quantizer":
-        from qapframe.quantizers.base import QUANTIZERS
-
-        return QUANTIZERS
-    from qapframe.strategies.base import PRUNERS, SCORERS
-
-    return {"scorer": SCORERS, "pruner": PRUNERS}[kind]
+    return QUANTIZERS
 
 
 class _LazyRegistry:
-    """Descriptor resolving a spec class's registry on first use (avoids import cycles)."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
+    """Descriptor resolving a spec class's registry on first use (the quantizers package imports this module)."""
 
     def __get__(self, obj: Any, owner: type) -> Registry:
-        return _registry(self.kind)
+        return _quantizers()
 
 
 class QuantizerSpec(StrategySpec):
-    registry = _LazyRegistry("quantizer")  # type: ignore[assignment]
-
-
-class ScorerSpec(StrategySpec):
-    registry = _LazyRegistry("scorer")  # type: ignore[assignment]
-
-
-class PrunerSpec(StrategySpec):
-    registry = _LazyRegistry("pruner")  # type: ignore[assignment]
+    registry = _LazyRegistry()  # type: ignore[assignment]
 
 
 class ModelSpec(_Section):
-    """Which model to compress; ``toy`` is the LLaVA model shipped inside qapframe."""
+    """Which model to compress: a named model (``toy``: the LLaVA shipped inside qapframe) or a directory."""
 
-    path: str = Field("toy", description="'toy' or a local directory loadable with from_pretrained")
+    path: str = Field("toy", description="a named model (see `qapframe list`) or a local directory loadable with "
+                                         "from_pretrained")
     adapter: str | None = Field(None, description="model adapter name; None picks one by architecture")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
@@ -370,40 +318,6 @@ def load_spec(spec_or_path: Union[str, Path, dict, PipelineSpec]) -> PipelineSpe
 
 # -- model paths -------------------------------------------------------------------------------
 
-# A Hugging Face hub id: an optional namespace and a name, each up to 96 of [A-Za-z0-9_.-], not starting
-# with '-' or '.', and without '--' or '..' (the hub's own rules).
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}$")
-
-
-def _named_models() -> list[str]:
-    try:  # named model sources (toy, plugins'); a checkout without that registry knows only the toy
-        from qapframe.sources import MODEL_SOURCES
-    except ImportError:
-        return ["toy"]
-    return MODEL_SOURCES.names()
-
-
-def model_path_problem(path: str) -> str | None:
-    """Why ``model.path`` cannot be loaded, or None: it must name a registered model, or be a local
-    folder with a ``config.json``. Nothing is loaded or downloaded to decide."""
-    named = _named_models()
-    if path in named:
-        return None
-    valid = (f"valid: a named model ({', '.join(named)}) or a local directory saved with save_pretrained "
-             "(config.json, weights, processor files)")
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return None if (local / "config.json").is_file() else f"{path!r} has no config.json; {valid}"
-    if local.exists():
-        return f"{path!r} is a file, not a model directory; {valid}"
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
-        return f"{path!r} does not exist; {valid}"
-    if _HUB_ID.match(path) and "--" not in path and ".." not in path:
-        return (f"{path!r} is no local directory; as a hub id it is well-formed, but qapframe downloads "
-                f"nothing: fetch it first (`huggingface-cli download {path} --local-dir DIR`) and give DIR; {valid}")
-    return (f"{path!r} is neither a local directory nor a well-formed hub id (namespace/name: letters, "
-            f"digits, '-', '_', '.'); {valid}")
-
 
 def model_path_problems(spec: PipelineSpec) -> list[tuple[str, str]]:
     """`model_path_problem` for every distinct ``model.path`` of the spec's configurations."""
@@ -465,3 +379,11 @@ def expand_sweep(data: dict[str, Any]) -> list[PipelineSpec]:
     if problems:
         raise SpecError(problems)
     return specs
+
+
+__all__ = [
+    "BUILTIN_SPECS", "EvaluationSpec", "ModelSpec", "OutputSpec", "PipelineSpec", "PrunerSpec", "QuantizerSpec",
+    "SECTIONS", "ScorerSpec", "Strategy", "StrategyConfig", "StrategySpec", "SweepGrid", "builtin_spec_names",
+    "expand_sweep", "load_spec", "model_path_problem", "model_path_problems", "parse_spec", "read_spec_file",
+    "resolve_spec_path",
+]

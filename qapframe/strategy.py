@@ -1,14 +1,21 @@
-"""What every registered strategy shares: a behaviour class paired with its pydantic config.
+"""What every registered strategy shares: a behaviour class paired with its pydantic config, and the spec entry
+``{name, **params}`` that names one.
 
 The config model is the single source of truth for a strategy's parameters: the spec's YAML entry,
-the constructor's keyword arguments and `qapframe list` all come from it.
+the constructor's keyword arguments and `qapframe list` all come from it. This module sits below the
+strategy families and the pipeline spec; each family subclasses `StrategySpec` with its own registry
+(`qapframe.strategies.specs`, `qapframe.quantizers.config`), and `qapframe.spec` composes them.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_serializer, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from qapframe.errors import QapframeError
+from qapframe.registry import Registry
 
 
 class StrategyConfig(BaseModel):
@@ -56,3 +63,47 @@ class Strategy:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
         return f"{type(self).__name__}({params})"
+
+
+class StrategySpec(BaseModel):
+    """``{name, **params}`` for one registered strategy; params validated by its own ``Config``.
+
+    Subclasses set ``registry``, the registry the name is looked up in.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    registry: ClassVar[Registry]
+
+    name: str
+    _config: StrategyConfig = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _validate_params(self) -> "StrategySpec":
+        try:
+            cls = self.registry.get(self.name)
+        except QapframeError as exc:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [InitErrorDetails(type=PydanticCustomError("unknown_name", str(exc)), loc=("name",), input=self.name)],
+            ) from None
+        # A nested ValidationError keeps its field locations under this section's path.
+        self._config = cls.Config.model_validate(self.model_extra or {})
+        return self
+
+    @property
+    def strategy_class(self) -> type[Strategy]:
+        return self.registry.get(self.name)
+
+    @property
+    def config(self) -> StrategyConfig:
+        return self._config
+
+    def build(self) -> Strategy:
+        return self.strategy_class(self._config)
+
+    @model_serializer(mode="plain")
+    def _serialize(self) -> dict[str, Any]:
+        return {"name": self.name, **self._config.model_dump(mode="json")}
+
+
+__all__ = ["Strategy", "StrategyConfig", "StrategySpec"]

@@ -163,9 +163,9 @@ def test_unknown_section_or_field_suggests_the_closest_and_lists_the_valid_ones(
     (message,) = problems_of({"quantiser": {"name": "rtn"}})[0].values()
     assert "unknown section 'quantiser' (did you mean 'quantizer'?)" in message
     assert "valid sections: model, quantizer, scorer, pruner, evaluation, output, sweep" in message
-    nested = problems_of({"scorer": {"name": "hybrid", "semantic": {"name": "fastv", "layr": 2}}})[0]
-    assert nested == {"scorer.semantic.layr": "unknown field 'layr' of scorer 'fastv' (did you mean 'layer'?); "
-                      "valid fields: name, layer"}
+    nested = problems_of({"scorer": {"name": "hybrid", "semantic": {"name": "fastv", "kk": 2}}})[0]
+    assert nested == {"scorer.semantic.kk": "unknown field 'kk' of scorer 'fastv' (did you mean 'k'?); "
+                      "valid fields: name, k"}
     (message,) = problems_of({"evaluation": {"seed": [0]}})[0].values()
     assert "(did you mean 'seeds'?)" in message and "num_samples" in message
 

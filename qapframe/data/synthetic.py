@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, ImageDraw
 
 from qapframe.data.base import VQADataset, VQARecord
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SIZE = 64
 BACKGROUND = (24, 24, 24)
@@ -168,11 +172,27 @@ def make_record(seed: int, split: str, index: int, min_objects: int = MIN_OBJECT
     return _question_record(rng, objects, image, f"synthetic-{seed}-{split}-{index}{variant}")
 
 
-def follow_up_questions(record: VQARecord, count: int, seed: int) -> list[VQARecord]:
-    """``count`` further random questions about ``record``'s scene (same image), for multi-turn training."""
-    objects = [SceneObject(c, s, POSITIONS.index(p)) for c, s, p in record.meta["objects"]]
-    rng = random.Random(f"qapframe-follow-up:{seed}:{record.id}")
-    return [_question_record(rng, objects, record.image, f"{record.id}-follow-up-{i}") for i in range(count)]
+def patch_cells(patch_size: int, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """``[N]`` the grid cell (0-8, row-major) holding each ``patch_size`` patch's centre, patches row-major."""
+    import torch
+
+    side = image_size // patch_size
+    cell_of = [min(2, int((i + 0.5) * patch_size * 3 // image_size)) for i in range(side)]
+    return torch.tensor([cell_of[row] * 3 + cell_of[col] for row in range(side) for col in range(side)])
+
+
+def cell_labels(records: Sequence[VQARecord]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(colour [B, 9], shape [B, 9])`` class ids per grid cell of each record's scene: 0 empty, 1 + index otherwise."""
+    import torch
+
+    colour = torch.zeros((len(records), len(POSITIONS)), dtype=torch.long)
+    shape = torch.zeros_like(colour)
+    for i, record in enumerate(records):
+        for c, s, position in record.meta["objects"]:
+            cell = POSITIONS.index(position)
+            colour[i, cell] = 1 + list(COLOURS).index(c)
+            shape[i, cell] = 1 + SHAPES.index(s)
+    return colour, shape
 
 
 class SyntheticVQA(VQADataset):
@@ -211,7 +231,8 @@ __all__ = [
     "SHAPES",
     "SyntheticVQA",
     "blank_image",
-    "follow_up_questions",
+    "cell_labels",
     "make_record",
+    "patch_cells",
     "render_scene",
 ]

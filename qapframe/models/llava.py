@@ -1,15 +1,19 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`) adapter, and the installation shared by the LLaVA family.
 
 Two pruning points, chosen from the scorer's requirements:
-- **pre-LLM** (no ``text_attention_layer``: VisionZip, hybrid, random, l2norm): the prompt is shortened
-  before the language model runs. ``model.forward`` gets a pre-hook that, when ``pixel_values`` are
+- **pre-LLM** (no in-LLM requirement: VisionZip, hybrid, CDPruner, DivPrune, VisPruner, random, l2norm):
+  the prompt is shortened before the language model runs. ``model.forward`` gets a pre-hook that, when ``pixel_values`` are
   given, encodes the images, selects tokens and replaces ``input_ids``/``pixel_values`` by the
   shortened ``inputs_embeds`` and ``attention_mask``; the logits then cover the shortened sequence.
   ``model.generate`` is wrapped the same way and delegates with ``inputs_embeds``, so generate's own
   mask, position-id and cache bookkeeping all start from the shortened prompt (exactly as if only
   the kept tokens had been fed); it returns ``[original prompt ids, new tokens]`` like the unwrapped
   model. Position ids passed explicitly to ``forward`` are recomputed from the shortened mask.
-- **in-LLM** (FastV): see `qapframe.models.inllm`.
+- **in-LLM** (FastV, DART, PyramidDrop): see `qapframe.models.inllm`.
+
+Beyond the vision features, the installation adds what only the model can compute when a strategy asks
+for it: the prompt's LLM input embeddings per image (CDPruner's relevance) and the error of the first
+activation quantizer on each vision token (the hybrid's ``e_mode: pipeline``).
 
 Pruned sequences keep their tokens' order; rows that shrink by different amounts (images with
 different token counts) are re-padded on their original padding side. What was kept is exposed as
@@ -19,6 +23,7 @@ different token counts) are re-padded on their original padding side. What was k
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -52,6 +57,8 @@ class _Installation:
         self.adapter, self.model = adapter, model
         self.scorer, self.pruner, self.quant, self.seed = scorer, pruner, quant, seed
         self.requirements = requirements_of(scorer, pruner)
+        # Resolved before anything is attached, so that a bad setting leaves the model untouched.
+        ranking_layers = adapter.ranking_layers(model, self.requirements) if self.requirements.in_llm else None
         base = model.model
         self.latest_images: list[ImageTokens] | None = None
         self.vision_capture = None
@@ -62,13 +69,16 @@ class _Installation:
         self._handles = []
         self.inllm: InLLMPruning | None = None
         self._original_generate = None
-        if self.requirements.text_attention_layer is not None:
+        self._prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (input_ids, mask) being pruned
+        if self.requirements.in_llm:
             self.inllm = InLLMPruning(
                 base.language_model,
-                self.requirements.text_attention_layer,
+                ranking_layers,
                 images=self._current_images,
                 select=self._select,
                 on_selection=self._record,
+                final_budget=pruner.budget,
+                need_hidden=self.requirements.llm_hidden,
             )
             self._handles.append(model.register_forward_pre_hook(self._fastv_pre_hook, with_kwargs=True))
         else:
@@ -115,8 +125,23 @@ class _Installation:
             raise RuntimeError("no image features were computed for this prompt")
         return self.latest_images
 
-    def _select(self, images, text_attention=None):
-        return select_per_image(self.scorer, self.pruner, images, self.quant, self.seed, text_attention)
+    def _select(self, images, text_attention=None, targets=None):
+        images = self._with_context(images)
+        return select_per_image(self.scorer, self.pruner, images, self.quant, self.seed, text_attention, targets)
+
+    def _with_context(self, images: list[ImageTokens]) -> list[ImageTokens]:
+        """Add what only the model can compute: prompt text embeddings, the activation quantizer's error."""
+        if self.requirements.text_embeds:
+            if self._prompt is None:
+                raise RuntimeError("no prompt ids were recorded for this forward")
+            texts = self.adapter.prompt_text_embeds(self.model, *self._prompt, [im.num_tokens for im in images])
+            images = [dataclasses.replace(im, text_embeds=t) for im, t in zip(images, texts)]
+        if self.requirements.activation_error:
+            images = [
+                dataclasses.replace(im, activation_error=self.adapter.activation_error(self.model, im.features))
+                for im in images
+            ]
+        return images
 
     def _record(self, info: dict) -> None:
         self.model.qapframe_last_selection = info
@@ -127,7 +152,7 @@ class _Installation:
         arguments.pop("self", None)
         return {**arguments, **arguments.pop("kwargs", {})}
 
-    # -- in-LLM (FastV) ---------------------------------------------------------------------------
+    # -- in-LLM (FastV, DART, PyramidDrop) ------------------------------------------------------------------------
     def _fastv_pre_hook(self, module, args, kwargs):
         bound = self._bind(args, kwargs)
         has_images = bound.get("pixel_values") is not None or bound.get("mm_encoder_outputs")
@@ -138,6 +163,7 @@ class _Installation:
             raise ValueError("vision-token pruning needs `input_ids` to locate the image tokens")
         if bound.get("pixel_values") is not None:
             self.latest_images = None  # computed inside this forward
+        self._prompt = (input_ids, bound.get("attention_mask"))
         self.inllm.pending_vision_mask = input_ids == self.model.config.image_token_id
         return None
 
@@ -148,6 +174,7 @@ class _Installation:
         vision_kwargs = {k: v for k, v in vision_kwargs.items() if v is not None}
         base.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         images = self._current_images()
+        self._prompt = (input_ids, attention_mask)
         selections = self._select(images)
         embed = self.model.get_input_embeddings()
         text_embeds = embed(input_ids)  # [B, L, D]
@@ -240,6 +267,58 @@ class LlavaAdapter(ModelAdapter):
         if hidden_index == 0:
             raise ValueError("vision_feature_layer selects the patch embeddings; there is no attention to score with")
         return hidden_index - 1
+
+    @staticmethod
+    def ranking_layers(model, requirements) -> list[int]:
+        """Decoder layers whose outputs are pruned: FastV/DART's K - 1, or one per PyramidDrop stage."""
+        depth = len(model.model.language_model.layers)
+        if not requirements.stage_fractions:
+            layer = requirements.text_attention_layer
+            if not 0 <= layer < depth - 1:
+                raise ValueError(
+                    f"in-LLM pruning ranks at layer {layer} (K = {layer + 1}), but this {depth}-layer LLM needs "
+                    f"K in [1, {depth - 1}] so that some layer sees only the kept tokens"
+                )
+            return [layer]
+        layers = [round(f * depth) - 1 for f in requirements.stage_fractions]
+        if any(not 0 <= r < depth - 1 for r in layers) or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"stages {list(requirements.stage_fractions)} resolve to ranking layers {layers} on this "
+                f"{depth}-layer LLM; each stage needs its own layer in [0, {depth - 2}] (use fewer stages)"
+            )
+        return layers
+
+    @staticmethod
+    def prompt_text_embeds(model, input_ids, attention_mask, lengths: list[int]) -> list[torch.Tensor]:
+        """Per image ``[T, D]``: LLM input embeddings of its row's real text tokens (CDPruner's text side)."""
+        image = input_ids == model.config.image_token_id
+        real = torch.ones_like(image) if attention_mask is None else attention_mask.bool()
+        spans = image_spans(image, lengths)
+        embed = model.get_input_embeddings()
+        rows = {}
+        for row, _ in spans:
+            if row not in rows:
+                rows[row] = embed(input_ids[row][real[row] & ~image[row]])
+        return [rows[row] for row, _ in spans]
+
+    @staticmethod
+    def activation_error(model, features: torch.Tensor) -> torch.Tensor | None:
+        """``features [N, D]`` -> ``[N]`` L2 error of the first activation quantizer the tokens reach.
+
+        For LLaMA-style LLMs that is layer 0's ``q_proj`` input (after the input norm), quantized exactly as
+        the quantized Linear does it (rotation, smoothing, then its static or dynamic act quantizer).
+        """
+        layer = model.model.language_model.layers[0]
+        linear = layer.self_attn.q_proj
+        act = getattr(linear, "act_quant", None)
+        if act is None or not getattr(act, "enabled", True):
+            return None
+        x = layer.input_layernorm(features)
+        if getattr(linear, "input_transform", None) is not None:
+            x = linear.input_transform(x)
+        if getattr(linear, "smooth", None) is not None:
+            x = (x.float() / linear.smooth).to(x.dtype)
+        return (x.float() - act(x).float()).norm(dim=-1)
 
     def feature_attention(self, model) -> torch.nn.Module:
         return _encoder_layers(model)[self.feature_layer(model)].self_attn

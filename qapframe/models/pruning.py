@@ -23,6 +23,10 @@ class ImageTokens:
     prunable: torch.Tensor  # [N] bool; False = structural tokens that are always kept (LLaVA-NeXT newlines)
     cls_attention: torch.Tensor | None = None  # [N] vision-encoder [CLS] attention (0 where not prunable)
     keys: torch.Tensor | None = None  # [N, Dk] vision-encoder keys (0 where not prunable)
+    text_embeds: torch.Tensor | None = None  # [T, D] LLM input embeddings of the image's prompt text tokens
+    activation_error: torch.Tensor | None = None  # [N] error of the pipeline's first activation quantizer
+    llm_hidden: torch.Tensor | None = None  # [N, D] in-LLM: hidden states after the ranking layer
+    llm_keys: torch.Tensor | None = None  # [N, Hkv * Dh] in-LLM: keys at the ranking layer
 
     @property
     def num_tokens(self) -> int:
@@ -61,22 +65,31 @@ def select_per_image(
     quant: QuantSettings | None,
     seed: int,
     text_attention: list[torch.Tensor] | None = None,  # per image [N]
+    targets: list[int] | None = None,  # per image prunable tokens to keep; None = the pruner's budget
 ) -> list[ImageSelection]:
     """Score and select each image's prunable tokens; images with equal token counts share one batch.
 
     Scores are normalized per context row by the scorers, i.e. per image over all of its crops.
+    ``targets`` (multi-stage in-LLM pruning) overrides the pruner's budget with a per-image count.
     """
     out: list[ImageSelection | None] = [None] * len(images)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int | None], list[int]] = {}
     for i, image in enumerate(images):
-        groups.setdefault(int(image.prunable.sum()), []).append(i)
-    for count, members in groups.items():
+        groups.setdefault((int(image.prunable.sum()), None if targets is None else targets[i]), []).append(i)
+    for (count, target), members in groups.items():
         idx = [images[i].prunable.nonzero().squeeze(-1) for i in members]  # [P] each
 
         def stack(get):
             values = [get(images[i]) for i in members]
             return None if any(v is None for v in values) else torch.stack([v[j] for v, j in zip(values, idx)])
 
+        text, text_mask = None, None
+        if all(images[i].text_embeds is not None for i in members):
+            text, text_mask = stack_padded([images[i].text_embeds for i in members], 0.0, right_pad=True)
+            text_mask = text_mask.bool()  # [G, T]
+        group_pruner = pruner if target is None else type(pruner)(
+            pruner.config.model_copy(update={"num_tokens": max(1, target), "retention": 1.0})
+        )
         context = ScoringContext(
             vision_embeds=stack(lambda im: im.features),  # [G, P, D]
             cls_attention=stack(lambda im: im.cls_attention),  # [G, P]
@@ -84,6 +97,11 @@ def select_per_image(
             text_attention=None if text_attention is None else torch.stack(
                 [text_attention[i][j] for i, j in zip(members, idx)]
             ),
+            text_embeds=text,  # [G, T, D]
+            text_mask=text_mask,
+            llm_hidden=stack(lambda im: im.llm_hidden),  # [G, P, D]
+            llm_keys=stack(lambda im: im.llm_keys),  # [G, P, Dk]
+            activation_error=stack(lambda im: im.activation_error),  # [G, P]
             quant=quant,
             seed=seed,
         )
@@ -92,7 +110,7 @@ def select_per_image(
             raise ValueError(
                 f"scorer {scorer.name!r} returned scores of shape {tuple(scores.shape)}, expected {(len(members), count)}"
             )
-        selection = pruner.select(scores, context)
+        selection = group_pruner.select(scores, context)
         for g, i in enumerate(members):
             structural = (~images[i].prunable).nonzero().squeeze(-1)
             keep = torch.cat([idx[g][selection.keep_index[g].to(idx[g].device)], structural]).sort().values

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from qapframe.quantizers.observers import OBSERVERS
 from qapframe.quantizers.rotations.base import RotationSpec
-from qapframe.spec import StrategySpec
+from qapframe.strategy import StrategySpec
 from qapframe.strategy import StrategyConfig
 
 # scheme -> (weight_bits, act_bits); act_bits 16 means activations stay in the model's dtype.

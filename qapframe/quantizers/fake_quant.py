@@ -3,7 +3,8 @@
 The grid is the one of `qapframe.kernels.reference.fake_quantize_groups` (float32, round-half-even,
 plain min/max, asymmetric zero point ``round(-min / scale)``), so a weight quantized here equals that
 function's output and the activation quantizer *is* that function. Weights keep their integer codes,
-scales and zero points; the dequantized weight is a cache rebuilt from them.
+scales and zero points, the codes packed (`qapframe.quantizers.packing`); the dequantized weight is
+recomputed from them at every forward, never kept.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from qapframe.distributed import all_reduce_
 from qapframe.kernels.reference import fake_quantize_groups
 from qapframe.quantizers.config import ActSpec, WeightSpec
 from qapframe.quantizers.observers import MinMaxObserver, Observer
+from qapframe.quantizers.packing import pack_codes, packed_width, unpack_codes
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -145,9 +147,12 @@ class ActQuantizer(nn.Module):
 
 
 class QuantizedLinear(nn.Module):
-    """A Linear with fake-quantized weights (codes, scales, zeros kept) and an optional input quantizer.
+    """A Linear with fake-quantized weights (packed codes, scales, zeros kept) and an optional input quantizer.
 
-    Before `set_quantized` it computes in full precision (calibration phase). ``smooth`` holds
+    Before `set_quantized` it computes in full precision (calibration phase) with the fp ``weight``. After it,
+    only the codes (``qweight``: int32 words ``[O, ceil(I*b/32)]``, see `qapframe.quantizers.packing`; a code
+    ``q`` is stored as ``q - code_range(...)[0]``), ``scales``/``zeros`` ``[O, G]`` and ``g_idx`` ``[I]`` stay
+    resident: ``weight`` is dequantized from them on every access and forward, never kept. ``smooth`` holds
     per-input-channel SmoothQuant/AWQ divisors that no preceding op could absorb: the input is divided
     by them before the activation quantizer, exactly as if they had been folded upstream.
     Forward: ``x [..., I]`` -> ``[..., O]``.
@@ -159,13 +164,14 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec = weight_spec
         groups = 1 if weight_spec.group_size == -1 else -(-in_features // weight_spec.group_size)
-        code_dtype = torch.int8 if weight_spec.symmetric else torch.uint8
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=code_dtype, device=device))
+        words = packed_width(in_features, weight_spec.bits)
+        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("g_idx", group_index(in_features, weight_spec.group_size).to(device))
-        # The dequantized weight is derived data: not saved, rebuilt from the codes on load.
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype, device=device), persistent=False)
+        # The fp weight while calibrating ([O, I]); once quantized an empty [0] tensor that only carries the
+        # compute dtype (so `model.to(dtype)` still decides it). Derived data: never saved.
+        self.register_buffer("_fp_weight", torch.zeros(0, dtype=dtype, device=device), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.register_buffer("smooth", None)  # [I] float32 input divisors, when smoothing could not be folded
         self.act_quant = ActQuantizer(act_spec) if act_spec is not None else None
@@ -186,6 +192,36 @@ class QuantizedLinear(nn.Module):
         module.input_transform = getattr(linear, "input_transform", None)
         return module
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (of the fp weight before quantization, of the dequantized weight after)."""
+        return self._fp_weight.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[O, I]`` in the compute dtype: the fp weight, or once quantized a fresh dequantization of the codes."""
+        if self.quantized:
+            return dequantize_weight(self.codes, self.scales, self.zeros, self.g_idx).to(self.dtype)
+        return self._fp_weight
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        if self.quantized:
+            raise AttributeError(
+                "QuantizedLinear.weight is derived from the codes once quantized; change them with set_quantized"
+            )
+        self._fp_weight = value
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The integer codes ``[O, I]``: int8 when symmetric, uint8 (``0 .. 2^b - 1``) when asymmetric."""
+        spec = self.weight_spec
+        lo, _ = code_range(spec.bits, spec.symmetric)
+        unsigned = unpack_codes(self.qweight, spec.bits, self.in_features)
+        if not spec.symmetric:
+            return unsigned
+        return (unsigned.to(torch.int16) + lo).to(torch.int8)
+
     def set_smooth(self, divisor: torch.Tensor) -> None:
         """Divide the input by ``divisor [I]`` (accumulating) and multiply the weight's columns by it."""
         divisor = divisor.float()
@@ -194,16 +230,20 @@ class QuantizedLinear(nn.Module):
         self.smooth = total.to(self.weight.device)
 
     def set_quantized(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> None:
-        """Store the integer weight and execute with it (the activation quantizer is enabled separately)."""
-        self.qweight = codes.to(self.qweight.dtype).to(self.qweight.device)
-        self.scales = scales.float().to(self.qweight.device)
-        self.zeros = zeros.float().to(self.qweight.device)
-        self.g_idx = g_idx.int().to(self.qweight.device)
-        self.refresh_weight()
-        self.quantized = True
+        """Store the integer weight (packed) and execute with it; the fp weight is dropped.
 
-    def refresh_weight(self) -> None:
-        self.weight = dequantize_weight(self.qweight, self.scales, self.zeros, self.g_idx).to(self.weight.dtype)
+        ``codes [O, I]`` (any dtype holding integers in `code_range`), ``scales/zeros [O, G]``, ``g_idx [I]``.
+        The activation quantizer is enabled separately.
+        """
+        spec = self.weight_spec
+        lo, _ = code_range(spec.bits, spec.symmetric)
+        device = self.qweight.device
+        self.qweight = pack_codes(codes.to(device).to(torch.int64) - lo, spec.bits)
+        self.scales = scales.float().to(device)
+        self.zeros = zeros.float().to(device)
+        self.g_idx = g_idx.int().to(device)
+        self._fp_weight = torch.zeros(0, dtype=self.dtype, device=self._fp_weight.device)
+        self.quantized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:

@@ -22,16 +22,35 @@ class Requirements:
 
     cls_attention: bool = False
     vision_keys: bool = False
+    text_embeds: bool = False  # the prompt's LLM input embeddings (CDPruner's text side)
     text_attention_layer: int | None = None  # LLM decoder layer whose attention rows are needed
+    # Several in-LLM pruning stages: where each stage's pruned layers start, as a fraction of the LLM's
+    # depth (PyramidDrop's layers 8/16/24 of 32 are 0.25/0.5/0.75); the adapter resolves them to layers.
+    stage_fractions: tuple[float, ...] = ()
+    llm_hidden: bool = False  # in-LLM: the vision tokens' hidden states and keys at the ranking layer (DART)
+    activation_error: bool = False  # the pipeline's activation quantizer's error on each token (hybrid e_mode=pipeline)
+
+    @property
+    def in_llm(self) -> bool:
+        return self.text_attention_layer is not None or bool(self.stage_fractions)
 
     def union(self, other: "Requirements") -> "Requirements":
         layers = {self.text_attention_layer, other.text_attention_layer} - {None}
         if len(layers) > 1:
             raise ValueError(f"scorers ask for text attention at different LLM layers: {sorted(layers)}")
+        stages = {self.stage_fractions, other.stage_fractions} - {()}
+        if len(stages) > 1 or (stages and layers):
+            raise ValueError(
+                f"strategies ask for different in-LLM pruning points: layer {sorted(layers)} and stages {sorted(stages)}"
+            )
         return Requirements(
             cls_attention=self.cls_attention or other.cls_attention,
             vision_keys=self.vision_keys or other.vision_keys,
+            text_embeds=self.text_embeds or other.text_embeds,
             text_attention_layer=layers.pop() if layers else None,
+            stage_fractions=stages.pop() if stages else (),
+            llm_hidden=self.llm_hidden or other.llm_hidden,
+            activation_error=self.activation_error or other.activation_error,
         )
 
 
@@ -43,7 +62,12 @@ class ScoringContext:
     cls_attention: torch.Tensor | None = None  # [B, N] vision-encoder [CLS] -> patch attention, mean over heads
     vision_keys: torch.Tensor | None = None  # [B, N, Dk] vision-encoder keys at the feature layer
     text_attention: torch.Tensor | None = None  # [B, N] last text token -> vision tokens at layer K, mean over heads
+    text_embeds: torch.Tensor | None = None  # [B, T, D] LLM input embeddings of each image's prompt text (padded)
+    text_mask: torch.Tensor | None = None  # [B, T] bool, True = a real text token of ``text_embeds``
+    llm_hidden: torch.Tensor | None = None  # [B, N, D] in-LLM: vision tokens' hidden states after the ranking layer
+    llm_keys: torch.Tensor | None = None  # [B, N, Hkv * Dh] in-LLM: their keys at the ranking layer (rotary applied)
     quant: QuantSettings | None = None  # the pipeline's activation quantizer, if any
+    activation_error: torch.Tensor | None = None  # [B, N] ||x - Q(x)||_2 by the pipeline's first activation quantizer
     seed: int = 0
     extras: dict = field(default_factory=dict)  # room for plugin scorers' adapter-provided data
 

@@ -19,9 +19,11 @@ PATCH = 16  # 64 px images -> 16 vision tokens
 
 
 def save_tiny_llava(directory, seed: int = 0) -> None:
-    from qapframe.toy.model import build_tokenizer  # the word-level tokenizer of the synthetic benchmark
+    from transformers import AutoProcessor
 
-    tokenizer = build_tokenizer()
+    from qapframe.toy import TOY_PATH
+
+    tokenizer = AutoProcessor.from_pretrained(TOY_PATH).tokenizer  # the toy's word-level synthetic-VQA tokenizer
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}

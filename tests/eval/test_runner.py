@@ -160,6 +160,7 @@ def test_calibration_records_vary_with_the_seed_only(smoke_run):
 
 
 def test_labels_name_the_strategies_and_swept_fields():
+    from qapframe.eval.labels import describe, varied_fields
     from qapframe.spec import load_spec
 
     spec = load_spec({
@@ -169,10 +170,11 @@ def test_labels_name_the_strategies_and_swept_fields():
         "sweep": {"evaluation.max_new_tokens": [2]},
     })
     (cfg,) = spec.expand()
-    info = runner_module.describe(cfg, runner_module._varied_fields(spec))
+    info = describe(cfg, varied_fields(spec))
     assert info["label"] == "rtn(scheme=W4A4) / visionzip + visionzip pruner / 12.5% [evaluation.max_new_tokens=2]"
     assert info["retention"] == 0.125
-    assert runner_module.describe(load_spec({}))["label"] == "fp / dense / dense"
+    assert describe(load_spec({}))["label"] == "fp / dense / dense"
+    assert runner_module.describe is describe  # still importable from the runner
 
 
 def test_smoke_spec_is_valid_and_small():

@@ -37,7 +37,7 @@ def install(model, scorer, pruner="topk", **pruner_kwargs):
     return adapter_for(model).install(model, SCORERS.get(scorer[0])(**scorer[1]), PRUNERS.get(pruner)(**pruner_kwargs))
 
 
-SCORER_CASES = [("visionzip", {}), ("hybrid", {}), ("l2norm", {}), ("fastv", {"layer": 1})]
+SCORER_CASES = [("visionzip", {}), ("hybrid", {}), ("l2norm", {}), ("fastv", {"k": 2})]
 
 
 def test_adapter_is_picked_by_matches(model):
@@ -148,7 +148,7 @@ def test_visionzip_scores_match_eager_attentions(inputs):
 
 def test_fastv_scores_match_eager_attentions(inputs):
     sdpa, eager = tiny_llava(seed=0, num_layers=4), tiny_llava(seed=0, num_layers=4, attn_implementation="eager")
-    install(sdpa, ("fastv", {"layer": 1}), retention=0.5)
+    install(sdpa, ("fastv", {"k": 2}), retention=0.5)
     sdpa(**inputs)
     got = sdpa.qapframe_last_selection["text_attention"]  # [B, L]
     attn = eager(**inputs, output_attentions=True).attentions[1]  # [B, H, L, L]
@@ -158,9 +158,9 @@ def test_fastv_scores_match_eager_attentions(inputs):
 
 
 def test_fastv_prefill_matches_recomputing_later_layers_on_kept_tokens(model, inputs):
-    k = 1
-    hidden = model(**inputs, output_hidden_states=True).hidden_states[k + 1]  # output of layer K, [B, L, D]
-    install(model, ("fastv", {"layer": k}), retention=0.25)
+    k = 1  # the ranking layer, FastV's K - 1: layers >= K = 2 see only kept tokens
+    hidden = model(**inputs, output_hidden_states=True).hidden_states[k + 1]  # output of layer K - 1, [B, L, D]
+    install(model, ("fastv", {"k": k + 1}), retention=0.25)
     try:
         logits = model(**inputs).logits
         state = model.qapframe_last_selection["state"]

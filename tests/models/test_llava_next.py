@@ -38,7 +38,7 @@ def install(model, scorer, pruner="topk", **kw):
     return adapter_for(model).install(model, SCORERS.get(scorer[0])(**scorer[1]), PRUNERS.get(pruner)(**kw))
 
 
-CASES = [("visionzip", {}), ("hybrid", {}), ("fastv", {"layer": 1})]
+CASES = [("visionzip", {}), ("hybrid", {}), ("fastv", {"k": 2})]
 
 
 def test_adapter_is_picked_by_matches(model):
@@ -117,7 +117,7 @@ def test_pruned_generate_equals_kept_tokens_reference(model, inputs, scorer, pru
     assert torch.equal(tokens[:, length:], reference_generate(model, inputs, selections))
 
 
-@pytest.mark.parametrize("scorer", [("hybrid", {}), ("fastv", {"layer": 1})], ids=lambda s: s[0])
+@pytest.mark.parametrize("scorer", [("hybrid", {}), ("fastv", {"k": 2})], ids=lambda s: s[0])
 def test_batch_equals_single_runs(model, inputs, scorer):
     install(model, scorer, retention=0.5)
     try:

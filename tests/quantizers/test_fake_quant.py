@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -71,7 +72,7 @@ def test_quantized_linear_matches_linear_before_and_dequantized_after():
     module.set_quantized(*quantize_weight_rtn(module.weight, module.weight_spec))
     w_hat = fake_quantize_groups(linear.weight, 4, 8, False)
     assert torch.allclose(module(x), torch.nn.functional.linear(x, w_hat, linear.bias))
-    assert module.qweight.dtype == torch.uint8 and module.scales.shape == (8, 2)
+    assert module.codes.dtype == torch.uint8 and module.scales.shape == (8, 2)
 
 
 def test_unfused_smoothing_keeps_the_function():
@@ -81,3 +82,23 @@ def test_unfused_smoothing_keeps_the_function():
     module.set_smooth(torch.rand(16) + 0.5)
     x = torch.randn(5, 16)
     assert torch.allclose(module(x), linear(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 8, False), (4, -1, True), (8, 8, False), (3, 4, True), (2, 16, False)])
+def test_packed_codes_forward_like_the_dequantized_weight(bits, group, symmetric):
+    """Codes are held packed and dequantized per forward: bit-identical to a Linear on the dequantized weight,
+    with no fp copy of the weight resident."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    module = QuantizedLinear.from_linear(linear, WeightSpec(bits, group, symmetric), None)
+    codes, scales, zeros, g_idx = quantize_weight_rtn(module.weight, module.weight_spec)
+    module.set_quantized(codes, scales, zeros, g_idx)
+    x = torch.randn(3, 16)
+    w_hat = dequantize_weight(codes, scales, zeros, g_idx)
+    assert torch.equal(module(x), torch.nn.functional.linear(x, w_hat, linear.bias))
+    assert torch.equal(module.codes.long(), codes.long())
+    assert module.qweight.dtype == torch.int32 and module.qweight.shape == (8, -(-16 * bits // 32))
+    resident = {n: b for n, b in module.named_buffers()}
+    assert all(b.numel() < 8 * 16 or b.dtype == torch.int32 for b in resident.values()), resident.keys()
+    with pytest.raises(AttributeError, match="derived from the codes"):
+        module.weight = w_hat

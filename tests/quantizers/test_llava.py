@@ -53,7 +53,7 @@ def test_quantizer_end_to_end(case, calibration, inputs, reference):
         assert m.act_quant is None or m.act_quant.enabled
         w = m.weight_spec
         lo, hi = (-(2 ** (w.bits - 1)), 2 ** (w.bits - 1) - 1) if w.symmetric else (0, 2**w.bits - 1)
-        assert int(m.qweight.min()) >= lo and int(m.qweight.max()) <= hi
+        assert int(m.codes.min()) >= lo and int(m.codes.max()) <= hi
     with torch.no_grad():
         logits = model(**inputs).logits
     rel = float((logits - reference).norm() / reference.norm())

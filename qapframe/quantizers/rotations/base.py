@@ -7,7 +7,7 @@ import abc
 from torch import nn
 
 from qapframe.registry import Registry
-from qapframe.spec import StrategySpec
+from qapframe.strategy import StrategySpec
 from qapframe.strategy import Strategy
 
 ROTATIONS: Registry[type["Rotation"]] = Registry(

@@ -1,3 +1,3 @@
 """Built-in scorers; importing this package registers them."""
 
-from qapframe.strategies.scorers import baselines, fastv, fused, hybrid, visionzip  # noqa: F401
+from qapframe.strategies.scorers import baselines, cdpruner, fastv, fused, hybrid, pyramiddrop, visionzip  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
-from qapframe.spec import ScorerSpec
+from qapframe.strategies.specs import ScorerSpec
 from qapframe.strategies.base import SCORERS, Scorer
 from qapframe.strategies.context import Requirements, ScoringContext
 from qapframe.strategies.normalization import Normalization, fuse

@@ -43,11 +43,13 @@ def context(seed=0, quant=None):
 @pytest.mark.parametrize(
     "params,quant,expect",
     [
-        ({}, None, (4, 128, False)),  # defaults: 4-bit, group 128, asymmetric
-        ({"alpha": 0.3}, QuantSettings(bits=3, group_size=16, symmetric=True), (3, 16, True)),
+        ({}, None, (4, 128, True)),  # e_mode=paper: INT4, group 128, symmetric, per token
+        # the pipeline's settings do not move the paper's E ...
+        ({"alpha": 0.3}, QuantSettings(bits=3, group_size=16, symmetric=False), (4, 128, True)),
+        # ... explicit overrides do
         ({"alpha": 0.7, "bits": 8, "group_size": 32}, QuantSettings(bits=3, group_size=16, symmetric=True), (8, 32, True)),
-        ({"quant_error_weight": 1.0, "outlier_weight": 0.0}, QuantSettings(4, 16, False), (4, 16, False)),
-        ({"quant_error_weight": 0.0, "outlier_weight": 1.0}, None, (4, 128, False)),
+        ({"quant_error_weight": 1.0, "outlier_weight": 0.0, "group_size": 16, "symmetric": False}, None, (4, 16, False)),
+        ({"quant_error_weight": 0.0, "outlier_weight": 1.0}, None, (4, 128, True)),
     ],
 )
 def test_hybrid_matches_float64_formula(params, quant, expect):
@@ -72,9 +74,26 @@ def test_alpha_one_is_the_semantic_ranking():
 
 def test_requirements_follow_the_semantic_scorer():
     assert SCORERS.get("hybrid")().requirements().cls_attention
-    assert SCORERS.get("hybrid")(semantic={"name": "fastv", "layer": 3}).requirements().text_attention_layer == 3
+    assert SCORERS.get("hybrid")(semantic={"name": "fastv", "k": 4}).requirements().text_attention_layer == 3
+    assert not SCORERS.get("hybrid")().requirements().activation_error
+    assert SCORERS.get("hybrid")(e_mode="pipeline").requirements().activation_error
 
 
 def test_empty_sq_is_rejected():
     with pytest.raises(ValidationError, match="SQ is empty"):
         SCORERS.get("hybrid")(quant_error_weight=0.0, outlier_weight=0.0)
+
+
+def test_pipeline_mode_uses_the_adapter_measured_error():
+    ctx = context()
+    error = torch.rand(3, 20, generator=torch.Generator().manual_seed(5))
+    got = SCORERS.get("hybrid")(e_mode="pipeline", quant_error_weight=1.0, outlier_weight=0.0, alpha=0.0).score(ctx.with_(activation_error=error))
+    assert (got.double() - minmax_f64(error)).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="e_mode='pipeline'"):
+        SCORERS.get("hybrid")(e_mode="pipeline").score(ctx)  # no activation quantizer in this pipeline
+    with pytest.raises(ValidationError, match="only apply to e_mode='paper'"):
+        SCORERS.get("hybrid")(e_mode="pipeline", bits=8)
+
+
+def test_e_mode_is_part_of_the_serialized_config():
+    assert SCORERS.get("hybrid")().config.model_dump()["e_mode"] == "paper"

@@ -1,0 +1,170 @@
+"""Selection cost per image of every pruning method, and its share of a LLaVA-1.5-shaped prefill.
+
+    python benchmarks/pruning_cost.py [--repeats 5] [--json benchmarks/results/pruning_cost.json]
+
+For each method (scorer + pruner as a spec names them) and retention, the time of ``scorer.score`` +
+``pruner.select`` on one image's context, 576 tokens (PyramidDrop: its three stages on the shrinking
+token sets), median of ``--repeats``, one thread, float32, compared against two prefills:
+- ``share_7b``: at D = 4096 (LLaVA-1.5-7B's width), against the LLaVA-1.5-7B prefill (576 vision + 40
+  text tokens, CLIP-L/336 included) estimated as its FLOPs (`benchmarks/prefill.py`'s count) over this
+  CPU's fp32 matmul throughput, measured in the same run;
+- ``share_bench``: at the width of `benchmarks/prefill.py`'s default model (512), against that
+  model's measured dense prefill (the model is built and timed here).
+Context tensors are random: only time is measured. In-LLM methods' attention rows and keys are part
+of their prefill either way; only their selection is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+import prefill  # noqa: E402  (the prefill benchmark's model and FLOP count)
+
+from qapframe.strategies.base import PRUNERS, SCORERS  # noqa: E402
+from qapframe.strategies.context import ScoringContext  # noqa: E402
+
+N, TEXT = 576, 40
+METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
+    "visionzip": ({"name": "visionzip"}, {"name": "visionzip"}, 1),
+    "hybrid (top-k)": ({"name": "hybrid"}, {"name": "topk"}, 1),
+    "cdpruner": ({"name": "cdpruner"}, {"name": "cdpruner"}, 1),
+    "cdpruner + hybrid relevance": ({"name": "hybrid", "semantic": {"name": "cdpruner"}}, {"name": "cdpruner"}, 1),
+    "divprune": ({"name": "l2norm"}, {"name": "divprune"}, 1),
+    "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}, 1),
+    "fastv (in-LLM)": ({"name": "fastv"}, {"name": "topk"}, 1),
+    "dart (in-LLM)": ({"name": "fastv"}, {"name": "dart"}, 1),
+    "pyramiddrop (in-LLM, 3 stages)": ({"name": "pyramiddrop"}, {"name": "topk"}, 3),
+}
+PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner"}
+
+
+def make(registry, spec: dict, **extra):
+    return registry.get(spec["name"])(**{k: v for k, v in spec.items() if k != "name"}, **extra)
+
+
+def context(n: int, d: int, seed: int = 0) -> ScoringContext:
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(1, n, d, generator=g)
+    return ScoringContext(
+        vision_embeds=embeds,
+        cls_attention=torch.rand(1, n, generator=g).softmax(-1),
+        vision_keys=torch.randn(1, n, 64, generator=g),
+        text_embeds=torch.randn(1, TEXT, d, generator=g),
+        text_mask=torch.ones(1, TEXT, dtype=torch.bool),
+        text_attention=torch.rand(1, n, generator=g).softmax(-1),
+        llm_hidden=embeds,
+        llm_keys=torch.randn(1, n, d, generator=g),
+    )
+
+
+def selection_seconds(label: str, retention: float, d: int, repeats: int) -> float:
+    scorer_spec, pruner_spec, stages = METHODS[label]
+    scorer = make(SCORERS, scorer_spec)
+    pruner = make(PRUNERS, pruner_spec, retention=retention)
+    final = pruner.budget(N)
+    counts = [N] + [max(final, round(N * (final / N) ** ((s + 1) / stages))) for s in range(stages)]
+    contexts = [context(counts[s], d, seed=s) for s in range(stages)]
+    stage_pruners = [pruner] if stages == 1 else [make(PRUNERS, pruner_spec, num_tokens=counts[s + 1]) for s in range(stages)]
+
+    def run():
+        for ctx, p in zip(contexts, stage_pruners):
+            p.select(scorer.score(ctx), ctx)
+
+    run()  # warm-up (numba compile / cache load for the hybrid)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def matmul_flops_per_s(repeats: int) -> float:
+    a, b = torch.randn(1024, 4096), torch.randn(4096, 4096)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * 1024 * 4096 * 4096 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def llava_7b_prefill_flops() -> float:
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32)
+    model = SimpleNamespace(config=LlavaConfig(vision_config=vision, text_config=text))
+    return prefill.flops(model, N, TEXT, N)
+
+
+def bench_model_prefill_seconds(repeats: int) -> tuple[float, int]:
+    args = SimpleNamespace(hidden=512, layers=4, vision_hidden=128, vision_layers=4)
+    model = prefill.build(args)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.tensor([1, 10, 11]), torch.full((N,), prefill.IMAGE_TOKEN), torch.randint(4, 1000, (TEXT - 3,), generator=g)])
+    inputs = {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long),
+              "pixel_values": torch.randn(1, 3, 336, 336, generator=g), "logits_to_keep": 1}
+    return prefill.timed(lambda: model(**inputs), repeats), args.hidden
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default="benchmarks/results/pruning_cost.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+
+    throughput = matmul_flops_per_s(args.repeats)
+    prefill_7b_s = llava_7b_prefill_flops() / throughput
+    bench_s, bench_width = bench_model_prefill_seconds(args.repeats)
+    rows = []
+    for label in METHODS:
+        for retention in (0.5, 0.25, 0.125):
+            at_7b = selection_seconds(label, retention, 4096, args.repeats)
+            at_bench = selection_seconds(label, retention, bench_width, args.repeats)
+            rows.append({"method": label, "pre_llm": label in PRE_LLM, "retention": retention,
+                         "ms_d4096": 1e3 * at_7b, "share_7b": at_7b / prefill_7b_s,
+                         f"ms_d{bench_width}": 1e3 * at_bench, "share_bench": at_bench / bench_s})
+
+    print(f"fp32 matmul {throughput / 1e9:.1f} GFLOP/s (1 thread) -> LLaVA-1.5-7B prefill ~{prefill_7b_s:.1f} s; "
+          f"prefill.py model ({bench_width} wide) measured {1e3 * bench_s:.0f} ms")
+    print(f"{'method':<32} {'ret':>6} {'ms@4096':>9} {'% 7B':>7} {f'ms@{bench_width}':>8} {'% bench':>8}")
+    for r in rows:
+        print(f"{r['method']:<32} {r['retention']:>6.3f} {r['ms_d4096']:>9.2f} {100 * r['share_7b']:>7.3f} "
+              f"{r[f'ms_d{bench_width}']:>8.2f} {100 * r['share_bench']:>8.2f}")
+    worst = max(r["share_7b"] for r in rows if r["pre_llm"])
+    print(f"worst pre-LLM share of the 7B prefill: {100 * worst:.3f} % (target < 2 %)")
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": 1,
+                    "load_avg_1min": os.getloadavg()[0]},
+        "matmul_GFLOPs": throughput / 1e9,
+        "llava_7b_prefill_s_estimated": prefill_7b_s,
+        "bench_model_prefill_ms": 1e3 * bench_s,
+        "tokens": N, "text_tokens": TEXT,
+        "rows": rows,
+    }
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The records a run uses and the model inputs built from them: evaluation batches and calibration inputs.
+
+Evaluation records are fixed per spec; calibration records are a seeded subset of the dataset's
+calibration split per run seed, and each becomes one input dict (prompt plus answer, no padding).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+from qapframe import distributed as dist
+from qapframe.data.base import VQADataset, VQARecord
+from qapframe.errors import QapframeError
+from qapframe.eval.loading import ModelSource
+from qapframe.spec import EvaluationSpec
+
+
+def _open_dataset(evaluation: EvaluationSpec, split: str) -> VQADataset:
+    from qapframe.data import load_dataset
+
+    try:
+        return load_dataset(evaluation.dataset, split, image_root=evaluation.image_root)
+    except (OSError, ValueError) as exc:
+        raise QapframeError(f"evaluation.dataset ({split} split): {exc}") from exc
+
+
+class DataCache:
+    """Evaluation records are fixed per spec; calibration records are a seeded subset per run seed."""
+
+    def __init__(self) -> None:
+        self._datasets: dict[tuple, VQADataset] = {}
+
+    def dataset(self, evaluation: EvaluationSpec, split: str) -> VQADataset:
+        key = (evaluation.dataset, evaluation.image_root, split)
+        if key not in self._datasets:
+            self._datasets[key] = _open_dataset(evaluation, split)
+        return self._datasets[key]
+
+    def evaluation_records(self, evaluation: EvaluationSpec) -> list[VQARecord]:
+        dataset = self.dataset(evaluation, evaluation.split)
+        n = len(dataset) if evaluation.num_samples is None else min(evaluation.num_samples, len(dataset))
+        return [dataset[i] for i in range(n)]
+
+    def calibration_records(self, evaluation: EvaluationSpec, seed: int) -> list[VQARecord]:
+        if evaluation.calibration_samples == 0:
+            return []
+        dataset = self.dataset(evaluation, "calibration")
+        n = min(evaluation.calibration_samples, len(dataset))
+        # Which records calibrate is part of what a seed varies (the spread over seeds includes it).
+        indices = sorted(random.Random(f"qapframe-calibration:{seed}").sample(range(len(dataset)), n))
+        return [dataset[i] for i in indices]
+
+
+def batches(items: Sequence, size: int) -> list[list]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def model_inputs(processor, records: Sequence[VQARecord], model: torch.nn.Module, with_answer: bool = False):
+    """The keyword arguments of one batch for ``model``; ``with_answer`` appends each answer (calibration text)."""
+    from qapframe.data.prompts import build_prompt
+
+    texts = [build_prompt(r) + (f" {r.answer}" if with_answer else "") for r in records]
+    inputs = processor(images=[r.image for r in records], text=texts, return_tensors="pt", padding=True)
+    inputs = inputs.to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return dict(inputs)
+
+
+def calibration_inputs(
+    evaluation: EvaluationSpec, seed: int, source: ModelSource, data: DataCache, model: torch.nn.Module
+) -> list[dict]:
+    """This rank's calibration batches: one input dict per record (prompt and answer, no padding).
+
+    Rank r calibrates on records r::world and the quantizers all-reduce their statistics.
+    """
+    everything = data.calibration_records(evaluation, seed)
+    if dist.is_distributed() and 0 < len(everything) < dist.world_size():
+        raise ValueError(
+            f"evaluation.calibration_samples: {len(everything)} calibration records cannot be shared by "
+            f"{dist.world_size()} processes; use at least one per process (or 0 for none)"
+        )
+    return [model_inputs(source.processor, [r], model, with_answer=True) for r in dist.shard(everything)]
+
+
+__all__ = ["DataCache", "batches", "calibration_inputs", "model_inputs"]

@@ -1,0 +1,84 @@
+"""Diversity-driven subset selection shared by the pre-LLM pruners, as pure functions over ``[B, N, *]``.
+
+- `greedy_dpp_map`: greedy MAP inference for a DPP with kernel ``L [B, N, N]`` by the incremental
+  Cholesky updates of Chen, Zhang & Zhou, "Fast Greedy MAP Inference for Determinantal Point Process
+  to Improve Recommendation Diversity" (NeurIPS 2018), Algorithm 1: O(N k) memory and O(N k^2) time for
+  k picks, with no determinant ever computed.
+- `greedy_max_min`: the greedy (farthest-point) heuristic for the max-min diversity problem, as DivPrune
+  uses it; for a metric distance it is a 2-approximation (Ravi, Rosenkrantz & Tayi, 1994).
+- `cosine_similarity_matrix`: ``[B, N, D] -> [B, N, N]``.
+
+All run batched over images, compute in at least float32, and break ties toward the earlier token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
+    """``x [B, N, D]`` -> pairwise cosine similarity ``[B, N, N]`` (float32 or wider)."""
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    # A matmul may round s_ij and s_ji differently; exact symmetry keeps mutual ties (two tokens that are
+    # each other's nearest neighbour) tied, so they break toward the earlier token as documented.
+    return (similarity + similarity.transpose(1, 2)) / 2
+
+
+def greedy_dpp_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Greedy MAP of a DPP: ``kernel [B, N, N]`` (PSD) -> ``[B, k]`` picked indices, in pick order.
+
+    Each step adds the token with the largest marginal gain ``d_j^2 = L_jj - ||c_j||^2`` (the squared
+    Cholesky pivot, i.e. ``det(L_{S+j}) / det(L_S)``). Once every gain of a row is below ``eps`` the
+    kernel has no volume left there (rank exhausted, or zero relevance); the remaining picks then
+    follow ``fallback [B, N]`` (higher first), so that exactly k tokens come back.
+    """
+    b, n, _ = kernel.shape
+    rows = torch.arange(b, device=kernel.device)
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # [B, N] d_j^2; picked tokens become -inf
+    factors = kernel.new_zeros(b, k, n)  # [B, k, N] c_j, one Cholesky row per pick
+    fallback = fallback.to(kernel.dtype).clone()  # picked tokens become -inf here too
+    picks = torch.empty(k, b, dtype=torch.long, device=kernel.device)
+    for step in range(k):
+        best_gain, j = gains.max(dim=-1)  # max() returns the first index of a tie
+        alive = best_gain > eps
+        exhausted = not bool(alive.all())
+        if exhausted:  # rare: some row has no volume left; it follows the fallback order from here on
+            j = torch.where(alive, j, fallback.argmax(dim=-1))
+        picks[step] = j
+        # e_i = (L_ji - <c_j, c_i>) / d_j, then d_i^2 -= e_i^2: the rank-one Cholesky update.
+        dot = torch.bmm(factors[rows, :step, j].unsqueeze(1), factors[:, :step]).squeeze(1)  # [B, N]
+        update = (kernel[rows, j] - dot) / best_gain.clamp_min(eps).sqrt()[:, None]
+        if exhausted:
+            update = torch.where(alive[:, None], update, torch.zeros_like(update))
+        factors[:, step] = update
+        gains -= update.square()
+        gains[rows, j] = float("-inf")
+        fallback[rows, j] = float("-inf")
+    return picks.transpose(0, 1)  # [B, k]
+
+
+def greedy_max_min(distance: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min diversity: ``distance [B, N, N]`` -> ``[B, k]`` picked indices, in pick order.
+
+    The first pick is the token whose nearest other token is farthest away; each next pick is the
+    token farthest from its nearest already-picked token.
+    """
+    b, n, _ = distance.shape
+    rows = torch.arange(b, device=distance.device)
+    off_diagonal = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=distance.device), float("inf"))
+    if n > 1:
+        first = off_diagonal.amin(dim=-1).argmax(dim=-1)
+    else:
+        first = torch.zeros(b, dtype=torch.long, device=distance.device)
+    picks = [first]
+    taken = torch.zeros(b, n, dtype=torch.bool, device=distance.device)
+    taken[rows, first] = True
+    nearest = distance[rows, first].clone()  # [B, N] distance to the nearest picked token
+    for _ in range(1, k):
+        j = nearest.masked_fill(taken, float("-inf")).argmax(dim=-1)
+        picks.append(j)
+        taken[rows, j] = True
+        nearest = torch.minimum(nearest, distance[rows, j])
+    return torch.stack(picks, dim=1)

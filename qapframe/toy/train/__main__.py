@@ -1,0 +1,3 @@
+from qapframe.toy._moved import exit_moved
+
+exit_moved("train")

@@ -1,0 +1,237 @@
+"""Every registered pruning method on every registered model adapter, through one shared test.
+
+Each case is a (scorer, pruner) pair as a spec would name it; each adapter contributes a tiny real model
+and its inputs (left-padded, rows with different prompt lengths and, for LLaVA-NeXT, different token
+counts). Checked under sdpa attention: retention 1.0 is bit-identical to the unmodified model; a
+batch of 3 gives the same kept tokens and logits as three single runs; in-LLM methods' pruned prefill
+equals recomputing the later layers on the kept tokens, and cached `generate` matches that recomputation
+token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qapframe.models import ADAPTERS, adapter_for
+from qapframe.strategies.base import PRUNERS, SCORERS
+from tests.tiny_models import llava_inputs, llava_next_inputs, tiny_llava, tiny_llava_next
+
+
+@pytest.fixture(autouse=True)
+def _inference_only():
+    with torch.no_grad():
+        yield
+
+
+def _llava():
+    model = tiny_llava(seed=0, num_layers=4)
+    return model, llava_inputs(3, [4, 9, 2], seed=1), {}
+
+
+def _llava_next():
+    model = tiny_llava_next(seed=0, num_layers=4)
+    inputs = llava_next_inputs(model, [(32, 64), (64, 64), (30, 50)], [4, 7, 2], seed=2)
+    return model, inputs, {"image_sizes"}
+
+
+# One tiny model per adapter; an adapter registered later must add its builder here (the test below fails
+# for any registered adapter without one, so no adapter goes untested).
+BUILDERS = {"llava": _llava, "llava_next": _llava_next}
+
+METHODS = {  # name -> (scorer, pruner)
+    "cdpruner": ({"name": "cdpruner"}, {"name": "cdpruner"}),
+    "cdpruner+hybrid": ({"name": "hybrid", "semantic": {"name": "cdpruner"}}, {"name": "cdpruner"}),
+    "divprune": ({"name": "l2norm"}, {"name": "divprune"}),
+    "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}),
+    "random": ({"name": "random"}, {"name": "topk"}),
+    "fastv": ({"name": "fastv", "k": 2}, {"name": "topk"}),
+    "dart": ({"name": "fastv", "k": 2}, {"name": "dart", "k": 2, "num_pivots": 2}),
+    "pyramiddrop": ({"name": "pyramiddrop", "stages": [0.25, 0.5, 0.75]}, {"name": "topk"}),
+}
+IN_LLM = {"fastv", "dart", "pyramiddrop"}
+NEW = 4
+
+_cache: dict = {}
+
+
+def setup(adapter: str):
+    if adapter not in BUILDERS:
+        pytest.fail(f"adapter {adapter!r} is registered but tests/models/{__name__} has no tiny model for it")
+    if adapter not in _cache:
+        _cache[adapter] = BUILDERS[adapter]()
+    return _cache[adapter]
+
+
+def install(model, method: str, retention: float):
+    scorer, pruner = METHODS[method]
+    s = SCORERS.get(scorer["name"])(**{k: v for k, v in scorer.items() if k != "name"})
+    p = PRUNERS.get(pruner["name"])(**{k: v for k, v in pruner.items() if k != "name"}, retention=retention)
+    return adapter_for(model).install(model, s, p)
+
+
+def remove(model):
+    adapter_for(model).remove(model)
+
+
+def single(inputs, extra, i):
+    mask = inputs["attention_mask"][i].bool()
+    out = {
+        "input_ids": inputs["input_ids"][i : i + 1, mask],
+        "attention_mask": inputs["attention_mask"][i : i + 1, mask],
+        "pixel_values": inputs["pixel_values"][i : i + 1],
+    }
+    for key in extra:
+        out[key] = inputs[key][i : i + 1]
+    return out
+
+
+def gen(model, inputs):
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+
+
+ADAPTER_NAMES = ADAPTERS.names()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("adapter", ADAPTER_NAMES)
+def test_full_retention_is_bit_identical(adapter, method):
+    model, inputs, _ = setup(adapter)
+    ref_logits, ref_tokens = model(**inputs).logits, gen(model, inputs)
+    install(model, method, 1.0)
+    try:
+        logits, tokens = model(**inputs).logits, gen(model, inputs)
+    finally:
+        remove(model)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("adapter", ADAPTER_NAMES)
+def test_batch_equals_single_runs(adapter, method):
+    model, inputs, extra = setup(adapter)
+    install(model, method, 0.25)
+    try:
+        batch_logits = model(**inputs).logits
+        batch_kept = [s.keep_index for s in model.qapframe_last_selection["selections"]]
+        batch_tokens = gen(model, inputs)
+        for i in range(3):
+            one = single(inputs, extra, i)
+            logits = model(**one).logits
+            kept = model.qapframe_last_selection["selections"][0].keep_index
+            if method != "random":  # random draws new positions for every call by design
+                assert torch.equal(kept, batch_kept[i])
+                assert (logits[0, -1] - batch_logits[i, -1]).abs().max() <= 1e-4
+                assert torch.equal(gen(model, one)[0, -NEW:], batch_tokens[i, -NEW:])
+    finally:
+        remove(model)
+
+
+def staged_reference(model, inputs, state, layers, extra_ids=None, generate_positions=False):
+    """Logits of the unmodified model run layer by layer: dense up to the first ranking layer, then each
+    stage's layers on that stage's kept prompt tokens (plus every token in ``extra_ids [B, T]``)."""
+    lm = model.model.language_model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    length = ids.shape[1]
+    if extra_ids is not None:
+        ids = torch.cat([ids, extra_ids], 1)
+        mask = torch.cat([mask, torch.ones_like(extra_ids)], 1)
+    # generate numbers positions from the mask; a plain forward uses 0..L-1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0) if generate_positions else torch.arange(ids.shape[1]).expand_as(ids)
+    rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, **rest).hidden_states
+    h_full = hidden[layers[0] + 1]  # [B, L + T, D] output of the first ranking layer (causal: prompt part unchanged)
+    bounds = layers + [len(lm.layers) - 1]
+    b, t = ids.shape[0], ids.shape[1] - length
+    tail = torch.arange(length, length + t).expand(b, t)
+    h = None
+    for s, stage in enumerate(state.stages):
+        index = torch.cat([stage.keep_index, tail], 1)  # [B, L_s + T] original positions
+        kept = torch.cat([stage.kept_mask.bool(), torch.ones(b, t, dtype=torch.bool)], 1)
+        if h is None:
+            h = h_full.gather(1, index[..., None].expand(-1, -1, h_full.shape[-1]))
+        else:  # this stage's tokens within the previous stage's sequence
+            local = torch.stack([(previous[r][:, None] == index[r][None]).float().argmax(0) for r in range(b)])
+            h = h.gather(1, local[..., None].expand(-1, -1, h.shape[-1]))
+        pos = positions.gather(1, index)
+        cos, sin = lm.rotary_emb(h, position_ids=pos)
+        n = h.shape[1]
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & kept[:, None, :]
+        attn = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        for layer in lm.layers[bounds[s] + 1 : bounds[s + 1] + 1]:
+            h = layer(h, attention_mask=attn, position_embeddings=(cos, sin), position_ids=pos)
+            h = h[0] if isinstance(h, tuple) else h
+        previous = index
+    return model.lm_head(lm.norm(h)), kept
+
+
+@pytest.mark.parametrize("method", sorted(IN_LLM))
+@pytest.mark.parametrize("adapter", ADAPTER_NAMES)
+def test_in_llm_prefill_equals_recomputing_later_layers_on_kept_tokens(adapter, method):
+    model, inputs, _ = setup(adapter)
+    install(model, method, 0.25)
+    try:
+        logits = model(**inputs).logits
+        info = model.qapframe_last_selection
+        layers = list(model.qapframe_installation.inllm.layers)
+    finally:
+        remove(model)
+    state = info["state"]
+    assert len(state.stages) == (3 if method == "pyramiddrop" else 1)
+    expected, kept = staged_reference(model, inputs, state, layers)
+    assert logits.shape == expected.shape
+    assert (logits[kept] - expected[kept]).abs().max() <= 1e-4
+    # each stage really shrinks the sequence
+    lengths = [int(st.kept_mask.sum()) for st in state.stages]
+    assert lengths == sorted(lengths, reverse=True) and lengths[-1] < int(inputs["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("method", sorted(IN_LLM))
+@pytest.mark.parametrize("adapter", ADAPTER_NAMES)
+def test_in_llm_generate_matches_the_staged_reference_token_for_token(adapter, method):
+    """Cached decoding (each stage's layers hold only its kept prompt tokens) against the recomputed reference."""
+    model, inputs, _ = setup(adapter)
+    install(model, method, 0.25)
+    try:
+        tokens = gen(model, inputs)
+        state = model.qapframe_last_selection["state"]
+        layers = list(model.qapframe_installation.inllm.layers)
+    finally:
+        remove(model)
+    length = inputs["input_ids"].shape[1]
+    new = tokens[:, length:]
+    for step in range(NEW):
+        logits, _ = staged_reference(model, inputs, state, layers, new[:, :step], generate_positions=True)
+        assert torch.equal(logits[:, -1].argmax(-1), new[:, step])
+
+
+def test_hybrid_pipeline_error_is_what_the_quantized_first_layer_does():
+    """e_mode=pipeline: E is the error of layer 0's q_proj activation quantizer on the normed vision tokens."""
+    from qapframe.kernels.reference import fake_quantize_groups
+    from qapframe.pipeline import quantize
+
+    model = quantize(tiny_llava(seed=3, num_layers=2), {"name": "rtn", "scheme": "W4A4"})
+    inputs = llava_inputs(2, [3, 5], seed=4)
+    adapter_for(model).install(model, SCORERS.get("hybrid")(e_mode="pipeline"), PRUNERS.get("topk")(retention=0.5))
+    try:
+        model(**inputs)
+        images = model.qapframe_installation.latest_images
+        got = [model.qapframe_installation.adapter.activation_error(model, im.features) for im in images]
+    finally:
+        remove(model)
+    layer = model.model.language_model.layers[0]
+    spec = layer.self_attn.q_proj.act_quant.spec
+    for im, error in zip(images, got):
+        x = layer.input_layernorm(im.features)
+        expected = (x - fake_quantize_groups(x, spec.bits, spec.group_size, spec.symmetric)).norm(dim=-1)
+        assert error is not None and (error - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("adapter", ADAPTER_NAMES)
+def test_stages_that_collapse_onto_one_layer_are_refused(adapter):
+    model, _, _ = setup(adapter)
+    scorer = SCORERS.get("pyramiddrop")(stages=[0.3, 0.35])  # both start at layer round(1.2) = round(1.4) = 1
+    with pytest.raises(ValueError, match=r"resolve to ranking layers \[0, 0\] on this 4-layer LLM"):
+        adapter_for(model).install(model, scorer, PRUNERS.get("topk")(retention=0.5))
+    assert getattr(model, "qapframe_installation", None) is None
+    assert "get_image_features" not in vars(model.model)  # nothing was left half-installed
