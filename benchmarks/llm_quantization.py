@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -121,12 +120,6 @@ def run_row(spec: object, common: dict, workdir: Path, args: argparse.Namespace)
     return json.loads(out.read_text())
 
 
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--row"]:  # child process: one qapframe row
@@ -165,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             result = run_row(spec, common, workdir, args)
             payload["rows"].append({"setting": setting, "method": method, "spec": spec, **result})
             if args.out:
-                write_json(args.out, payload)
+                from qapframe.eval.results import write_json_atomically
+
+                write_json_atomically(args.out, payload)
             if "error" in result:
                 failures += not result["error"].startswith("skipped")
                 print(f"{setting:16s} {method:24s} {result['error']}", flush=True)

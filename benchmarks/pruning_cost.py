@@ -17,7 +17,6 @@ of their prefill either way; only their selection is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -160,9 +159,9 @@ def main() -> None:
         "rows": rows,
     }
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        from qapframe.eval.results import write_json_atomically
+
+        write_json_atomically(args.json, result)
         print(f"wrote {args.json}")
 
 

@@ -11,7 +11,6 @@ with a large array copy. Compile time is excluded (one warm-up call per backend 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -98,9 +97,9 @@ def main() -> None:
         "rows": rows,
     }
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        from qapframe.eval.results import write_json_atomically
+
+        write_json_atomically(args.json, result)
         print(f"wrote {args.json}")
 
 
