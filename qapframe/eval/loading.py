@@ -21,21 +21,16 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def resolve_model_path(spec: ModelSpec) -> Path:
     """``model.path`` as a directory: a registered model source (``toy``, ``smollm2-135m``, plugins') or a
-    local folder."""
-    from qapframe.sources import MODEL_SOURCES, resolve_named_model
+    local folder; anything else is refused with `model_path_problem`'s reason (the check `validate` runs)."""
+    from qapframe.sources import model_path_problem, resolve_named_model
 
     named = resolve_named_model(spec.path)
     if named is not None:
         return named
-    path = Path(spec.path).expanduser()
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        names = ", ".join(repr(n) for n in MODEL_SOURCES.names())
-        raise QapframeError(
-            f"model.path: {spec.path!r} {what}; valid values are a named model ({names}) or a local "
-            "directory saved with save_pretrained (config.json, weights and processor files)"
-        )
-    return path
+    problem = model_path_problem(spec.path)
+    if problem is not None:
+        raise QapframeError(f"model.path: {problem}")
+    return Path(spec.path).expanduser()
 
 
 def _model_class(path: Path):

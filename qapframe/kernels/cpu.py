@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qapframe.cache import cache_dir
+
 
 def numba_cache_dir() -> Path:
-    """Where qapframe's compiled kernels are cached: ``$XDG_CACHE_HOME/qapframe/numba`` (``~/.cache/...``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qapframe" / "numba"
+    """Where qapframe's compiled kernels are cached: ``numba`` under `qapframe.cache.cache_dir`."""
+    return cache_dir() / "numba"
 
 
 # Why before numba's import: with ``cache=True`` numba otherwise writes .nbi/.nbc files into the installed

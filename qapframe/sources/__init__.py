@@ -9,11 +9,11 @@ path (or, elsewhere, a hub id).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Callable
 
+from qapframe.cache import cache_dir  # re-exported: the sources cache converted models there
 from qapframe.registry import Registry
 
 ModelSourceFn = Callable[[], Path]  # () -> directory loadable with from_pretrained
@@ -21,14 +21,6 @@ ModelSourceFn = Callable[[], Path]  # () -> directory loadable with from_pretrai
 MODEL_SOURCES: Registry[ModelSourceFn] = Registry(
     "model source", "qapframe.model_sources", ("qapframe.sources.toy", "qapframe.sources.smollm2")
 )
-
-
-def cache_dir() -> Path:
-    """qapframe's cache root: ``$QAPFRAME_CACHE``, else ``$XDG_CACHE_HOME/qapframe``, else ``~/.cache/qapframe``."""
-    if os.environ.get("QAPFRAME_CACHE"):
-        return Path(os.environ["QAPFRAME_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "qapframe"
 
 
 def resolve_named_model(name: str) -> Path | None:

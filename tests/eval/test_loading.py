@@ -11,7 +11,7 @@ from qapframe.spec import ModelSpec
 
 
 def test_missing_path_names_the_field_and_the_valid_values(tmp_path):
-    with pytest.raises(QapframeError, match=r"model\.path: .*does not exist; valid values are a named model \('smollm2-135m', 'toy'\)"):
+    with pytest.raises(QapframeError, match=r"model\.path: .*does not exist; valid: a named model \(smollm2-135m, toy\)"):
         resolve_model_path(ModelSpec(path=str(tmp_path / "nope")))
     with pytest.raises(QapframeError, match="has no config.json"):
         resolve_model_path(ModelSpec(path=str(tmp_path)))
