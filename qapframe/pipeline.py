@@ -68,7 +68,8 @@ class Pipeline:
 
     @property
     def quant_settings(self) -> QuantSettings | None:
-        """The activation quantizer the vision tokens will meet (what the hybrid scorer simulates)."""
+        """The activation quantizer the vision tokens will meet, handed to scorers as ``ScoringContext.quant``
+        (the hybrid's ``e_mode: pipeline`` measures the real quantizer instead; plugins may read this)."""
         settings = self.quantizer.activation_settings() if self.quantizer is not None else None
         return QuantSettings(**settings) if settings else None
 

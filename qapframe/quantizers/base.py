@@ -27,6 +27,6 @@ class Quantizer(Strategy, abc.ABC):
     def activation_settings(self) -> dict[str, Any] | None:
         """``{bits, group_size, symmetric}`` of the activation quantizer, or None when activations stay fp.
 
-        The hybrid scorer simulates exactly this quantizer on each vision token.
+        Scorers see it as ``ScoringContext.quant`` (the pipeline's activation grid, for plugins that simulate it).
         """
         return None
