@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from qapframe.errors import QapframeError
-from qapframe.quantizers.fake_quant import QuantizedLinear, qparams
+from qapframe.quant_grid import qparams
+from qapframe.quantizers.fake_quant import QuantizedLinear
 from qapframe.quantizers.packing import pack_codes, unpack_codes
 
 PACKED = "pack-quantized"

@@ -1,17 +1,15 @@
 """Plain-torch reference of the hybrid sensitivity: the ground truth every backend is tested against.
 
-Quantization convention (shared with the activation fake-quantizer): groups of ``group_size``
-consecutive channels (the last group may be shorter; -1 = the whole token), float32 arithmetic,
-round-half-to-even, and a group whose scale is zero is reproduced exactly.
-- asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``,
-  ``q = clamp(round(x / scale) + zero, 0, 2^b - 1)``, ``x_hat = (q - zero) * scale``;
-- symmetric: ``scale = max|x| / (2^(b-1) - 1)``, ``q = clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1)``,
-  ``x_hat = q * scale``.
+E is measured on qapframe's one quantization grid (`qapframe.quant_grid`, shared with the weight and
+activation quantizers): groups of ``group_size`` consecutive channels (the last may be shorter; -1 = the
+whole token), float32, round-half-to-even, plain min/max; a constant group is reproduced exactly.
 """
 
 from __future__ import annotations
 
 import torch
+
+from qapframe.quant_grid import fake_quantize_groups
 
 
 def check_args(x: torch.Tensor, bits: int, group_size: int) -> int:
@@ -29,39 +27,6 @@ def check_args(x: torch.Tensor, bits: int, group_size: int) -> int:
     if group_size < 1:
         raise ValueError(f"group_size must be a positive channel count or -1 (whole token), got {group_size}")
     return group_size
-
-
-def fake_quantize_groups(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """Quantize-dequantize ``x [..., D]`` group-wise along the last dim, in float32."""
-    x = x.float()
-    d = x.shape[-1]
-    g = d if group_size == -1 else group_size
-    pad = (-d) % g
-    # Pad the short last group by repeating its first element: min, max and max|x| are unchanged.
-    if pad:
-        last_start = d - (d % g)
-        filler = x[..., last_start : last_start + 1].expand(*x.shape[:-1], pad)
-        x_padded = torch.cat([x, filler], dim=-1)
-    else:
-        x_padded = x
-    groups = x_padded.reshape(*x.shape[:-1], -1, g)  # [..., G, g]
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = groups.abs().amax(dim=-1, keepdim=True) / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.clamp(torch.round(groups / safe), -qmax - 1, qmax)
-        deq = q * safe
-    else:
-        qmax = 2**bits - 1
-        lo = groups.amin(dim=-1, keepdim=True)
-        hi = groups.amax(dim=-1, keepdim=True)
-        scale = (hi - lo) / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / safe)
-        q = torch.clamp(torch.round(groups / safe) + zero, 0, qmax)
-        deq = (q - zero) * safe
-    deq = torch.where(scale > 0, deq, groups)
-    return deq.reshape(*x.shape[:-1], -1)[..., :d]
 
 
 def hybrid_sensitivity_reference(
@@ -99,4 +64,4 @@ def sensitivity_score_reference(
     return error, spread, score.float()
 
 
-__all__ = ["check_args", "fake_quantize_groups", "hybrid_sensitivity_reference", "sensitivity_score_reference"]
+__all__ = ["check_args", "hybrid_sensitivity_reference", "sensitivity_score_reference"]

@@ -15,7 +15,8 @@ from qapframe.distributed import all_reduce_sum
 from qapframe.quantizers.base import QUANTIZERS
 from qapframe.quantizers.calibration import BlockData
 from qapframe.quantizers.config import WeightSpec
-from qapframe.quantizers.fake_quant import QuantizedLinear, dequantize, qparams, quantize, quantize_weight_rtn, dequantize_weight
+from qapframe.quant_grid import dequantize, qparams, quantize
+from qapframe.quantizers.fake_quant import QuantizedLinear, dequantize_weight, quantize_weight_rtn
 from qapframe.quantizers.layerwise import LayerwiseQuantizer
 from qapframe.quantizers.scaling import ScalingConfig, apply_scales, quantize_weights
 from qapframe.quantizers.targets import name_matches

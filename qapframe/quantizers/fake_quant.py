@@ -1,8 +1,8 @@
 """Weight and activation quantize-dequantize, and `QuantizedLinear`, the module that carries the codes.
 
-The grid is the one of `qapframe.kernels.reference.fake_quantize_groups` (float32, round-half-even,
-plain min/max, asymmetric zero point ``round(-min / scale)``), so a weight quantized here equals that
-function's output and the activation quantizer *is* that function. Weights keep their integer codes,
+The grid is qapframe's one grid (`qapframe.quant_grid`: float32, round-half-even, plain min/max,
+asymmetric zero point ``round(-min / scale)``), the one the hybrid score's E is measured on too; the
+activation quantizer *is* its `fake_quantize_groups`. Weights keep their integer codes,
 scales and zero points, the codes packed (`qapframe.quantizers.packing`); the dequantized weight is
 recomputed from them at every forward, never kept.
 """
@@ -14,44 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qapframe.distributed import all_reduce_
-from qapframe.kernels.reference import fake_quantize_groups
 from qapframe.quantizers.config import ActSpec, WeightSpec
 from qapframe.quantizers.observers import MinMaxObserver, Observer
+from qapframe.quant_grid import channel_groups, code_range, dequantize, fake_quantize_groups, qparams, quantize
 from qapframe.quantizers.packing import pack_codes, packed_width, unpack_codes
-
-
-def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Smallest and largest integer code."""
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def qparams(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of the groups along the last dim: ``x [..., g]`` -> ``([..., 1], [..., 1])`` float32.
-
-    A constant group (zero range) gets scale ``|value|`` so that its value is still represented exactly.
-    """
-    x = x.float()
-    if symmetric:
-        scale = x.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
-        return torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale)
-    lo = x.amin(dim=-1, keepdim=True)
-    hi = x.amax(dim=-1, keepdim=True)
-    scale = (hi - lo) / (2**bits - 1)
-    fallback = torch.where(lo != 0, lo.abs(), torch.ones_like(lo))
-    scale = torch.where(scale > 0, scale, fallback)
-    return scale, torch.round(-lo / scale)
-
-
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Integer codes (as float32) of ``x`` on the grid ``(scale, zero)`` (broadcast)."""
-    lo, hi = code_range(bits, symmetric)
-    return torch.clamp(torch.round(x.float() / scale) + zero, lo, hi)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (codes.float() - zero) * scale
 
 
 def group_index(in_features: int, group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,27 +31,16 @@ def group_index(in_features: int, group_size: int, perm: torch.Tensor | None = N
     return idx
 
 
-def _weight_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``W [O, I]`` -> float32 ``[O, G, g]``, the last group padded with a copy of its first column."""
-    out_f, in_f = weight.shape
-    g = in_f if group_size == -1 else group_size
-    pad = (-in_f) % g
-    w = weight.float()
-    if pad:  # repeating a column of the last group leaves its min/max unchanged
-        w = torch.cat([w, w[:, in_f - in_f % g : in_f - in_f % g + 1].expand(out_f, pad)], dim=1)
-    return w.reshape(out_f, -1, g)
-
-
 def group_qparams(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The RTN grid of every weight group: ``W [O, I]`` -> ``(scales [O, G], zeros [O, G])`` float32."""
-    scale, zero = qparams(_weight_groups(weight, spec.group_size), spec.bits, spec.symmetric)
+    scale, zero = qparams(channel_groups(weight, spec.group_size), spec.bits, spec.symmetric)
     return scale.squeeze(-1), zero.squeeze(-1)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: ``W [O, I]`` -> ``(codes [O, I], scales [O, G], zeros [O, G], g_idx [I])``."""
     out_f, in_f = weight.shape
-    groups = _weight_groups(weight, spec.group_size)  # [O, G, g]
+    groups = channel_groups(weight, spec.group_size)  # [O, G, g]
     scale, zero = qparams(groups, spec.bits, spec.symmetric)
     codes = quantize(groups, scale, zero, spec.bits, spec.symmetric).reshape(out_f, -1)[:, :in_f]
     return codes, scale.squeeze(-1), zero.squeeze(-1), group_index(in_f, spec.group_size)
@@ -263,6 +218,5 @@ class QuantizedLinear(nn.Module):
 
 
 __all__ = [
-    "ActQuantizer", "QuantizedLinear", "code_range", "dequantize", "dequantize_weight", "group_index",
-    "group_qparams", "qparams", "quantize", "quantize_weight_rtn",
+    "ActQuantizer", "QuantizedLinear", "dequantize_weight", "group_index", "group_qparams", "quantize_weight_rtn",
 ]

@@ -26,7 +26,8 @@ from qapframe.distributed import all_reduce_sum
 from qapframe.quantizers.base import QUANTIZERS
 from qapframe.quantizers.calibration import BlockData
 from qapframe.quantizers.config import QuantizerConfig, WeightSpec
-from qapframe.quantizers.fake_quant import QuantizedLinear, code_range, group_index, group_qparams, qparams
+from qapframe.quant_grid import code_range, qparams
+from qapframe.quantizers.fake_quant import QuantizedLinear, group_index, group_qparams
 from qapframe.quantizers.layerwise import LayerwiseQuantizer
 from qapframe.strategy import StrategyConfig
 

@@ -10,12 +10,12 @@ use the entry-point group ``qapframe.observers``.
 from __future__ import annotations
 
 import abc
-from typing import Literal
 
 import torch
 from pydantic import Field
 
 from qapframe.distributed import all_gather_objects, all_reduce_sum
+from qapframe.quant_grid import dequantize, qparams, quantize
 from qapframe.registry import Registry
 from qapframe.strategy import Strategy, StrategyConfig
 
@@ -117,8 +117,6 @@ class MSEObserver(_SampledObserver):
     config: MSEConfig
 
     def range(self, lo, hi, bits, symmetric):
-        from qapframe.quantizers.fake_quant import dequantize, qparams, quantize  # fake_quant imports observers
-
         cfg = self.config
         values = self.values().to(lo.device)
         self._values = []

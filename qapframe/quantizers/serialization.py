@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from qapframe.quantizers.config import ActSpec, WeightSpec
-from qapframe.quantizers.fake_quant import QuantizedLinear, code_range
+from qapframe.quant_grid import code_range
+from qapframe.quantizers.fake_quant import QuantizedLinear
 from qapframe.quantizers.packing import pack_codes
 from qapframe.quantizers.layerwise import QUANT_CONFIG_ATTR
 from qapframe.quantizers.targets import set_module

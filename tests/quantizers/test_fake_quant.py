@@ -2,11 +2,22 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from qapframe.kernels.reference import fake_quantize_groups, hybrid_sensitivity_reference
+from qapframe.kernels.reference import hybrid_sensitivity_reference
+from qapframe.quant_grid import code_range, fake_quantize_groups, qparams, quantize
 from qapframe.quantizers.config import ActSpec, WeightSpec
-from qapframe.quantizers.fake_quant import (
-    ActQuantizer, QuantizedLinear, code_range, dequantize_weight, group_index, quantize_weight_rtn,
-)
+from qapframe.quantizers.fake_quant import ActQuantizer, QuantizedLinear, dequantize_weight, group_index, quantize_weight_rtn
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("value", [0.0, 2.5, -0.75])
+def test_constant_groups_are_represented_exactly_with_codes_in_range(value, symmetric):
+    """The one grid's edge case: a zero-range group keeps its value, and its codes are valid codes."""
+    x = torch.full((3, 8), value)
+    assert torch.equal(fake_quantize_groups(x, 4, 4, symmetric), x)
+    scale, zero = qparams(x.reshape(3, 2, 4), 4, symmetric)
+    codes = quantize(x.reshape(3, 2, 4), scale, zero, 4, symmetric)
+    lo, hi = code_range(4, symmetric)
+    assert bool((codes >= lo).all() and (codes <= hi).all()) and bool((scale > 0).all())
 
 
 @settings(max_examples=40, deadline=None)
