@@ -18,18 +18,20 @@ examples:
   qapframe list                      every quantizer, scorer, pruner and model adapter, with parameters
   qapframe validate specs/smoke.yaml check a spec without running it
   qapframe run specs/qapruner.yaml   compress the embedded toy LLaVA and evaluate it (the paper's experiment)
+  qapframe report runs/qapruner      re-render a run directory's summary.md and plot from results.jsonl
   qapframe export SPEC --out DIR     write the spec's compressed model as a compressed-tensors checkpoint
 
 A spec is YAML or JSON with sections model, quantizer, scorer, pruner, evaluation, output (and an
 optional sweep); see the README."""
 
 
-# Every registry `qapframe list` shows (named model sources as "source"); kept literal so that building the
-# parser imports nothing.
-KINDS = ("quantizer", "rotation", "observer", "scorer", "pruner", "model", "source")
+# Every registry `qapframe list` shows (named model sources as "source", dataset loaders as "dataset"); kept
+# literal so that building the parser imports nothing.
+KINDS = ("quantizer", "rotation", "observer", "scorer", "pruner", "model", "source", "dataset")
 
 
 def _registries() -> dict[str, Any]:
+    from qapframe.data.base import DATASETS
     from qapframe.models.base import ADAPTERS
     from qapframe.quantizers.base import QUANTIZERS
     from qapframe.quantizers.observers import OBSERVERS
@@ -38,7 +40,7 @@ def _registries() -> dict[str, Any]:
     from qapframe.strategies.base import PRUNERS, SCORERS
 
     return {"quantizer": QUANTIZERS, "rotation": ROTATIONS, "observer": OBSERVERS, "scorer": SCORERS,
-            "pruner": PRUNERS, "model": ADAPTERS, "source": MODEL_SOURCES}
+            "pruner": PRUNERS, "model": ADAPTERS, "source": MODEL_SOURCES, "dataset": DATASETS}
 
 
 def _listing(kinds: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -137,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"qapframe: interrupted after {stop.recorded} of {stop.total} runs; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    _print_outcome(summary.records, summary.results_path, summary.summary_path, summary.plot_path)
     if summary.failed:
         print(
             f"qapframe: {summary.failed} of {summary.total} runs failed; their errors are in {summary.results_path} "
@@ -144,6 +147,36 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _print_outcome(records, results_path, summary_path, plot_path) -> None:
+    """A short table (accuracy and vision tokens, mean +/- std over seeds, per configuration) and where
+    the results went."""
+    from qapframe.eval.report import group_runs, short_table
+
+    rows = group_runs(records or [])
+    if rows:
+        print(short_table(rows))
+    written = [f"results {results_path}"] + [f"{what} {path}" for what, path in
+                                             (("summary", summary_path), ("plot", plot_path)) if path is not None]
+    print("qapframe: " + ", ".join(written))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qapframe.eval.report import write_reports
+    from qapframe.eval.results import RESULTS_FILE, ResultsFile
+
+    results = ResultsFile(Path(args.run_dir) / RESULTS_FILE)
+    if not results.path.is_file():
+        raise QapframeError(f"{args.run_dir}: no {RESULTS_FILE} here; give the output directory of a `qapframe run`")
+    records = list(results.latest().values())
+    if not records:
+        raise QapframeError(f"{results.path}: no run records in it yet")
+    summary_path, plot_path = write_reports(records, args.run_dir)
+    _print_outcome(records, results.path, summary_path, plot_path)
     return 0
 
 
@@ -188,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="path to a .yaml/.yml/.json pipeline spec")
     p.add_argument("--output", "-o", metavar="DIR", help="output directory (default: the spec's output.dir)")
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("report", help="re-render summary.md and the plot of a run directory",
+                            description="Rebuild summary.md and the accuracy-vs-retention plot from a run "
+                            "directory's results.jsonl (the latest row of each run), and print the short table.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an output directory of `qapframe run`")
+    p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("export", help="quantize a spec's model and write a compressed-tensors checkpoint",
                             description="Load the spec's model, quantize it (calibrating as `run` would, first seed), "

@@ -17,12 +17,16 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from qapframe.data.base import DATASETS
+from qapframe.data.loading import DatasetField, DatasetSpec
 from qapframe.errors import SpecError
 from qapframe.registry import Registry
 from qapframe.sources import model_path_problem  # re-exported: it used to live here
+# Reading spec files (YAML/JSON, shipped specs by name) lives beside; re-exported, where it used to be defined.
+from qapframe.spec_files import BUILTIN_SPECS, builtin_spec_names, read_spec_file, resolve_spec_path
 # The strategy entries live beside their strategies; re-exported here, where they used to be defined.
 from qapframe.strategies.specs import PrunerSpec, ScorerSpec
 from qapframe.strategy import Strategy, StrategyConfig, StrategySpec
@@ -51,27 +55,70 @@ class QuantizerSpec(StrategySpec):
 
 
 class ModelSpec(_Section):
-    """Which model to compress: a named model (``toy``: the LLaVA shipped inside qapframe) or a directory."""
+    """Which model to compress: a named model (``toy``: the LLaVA shipped inside qapframe), a directory or a hub id."""
 
-    path: str = Field("toy", description="a named model (see `qapframe list`) or a local directory loadable with "
-                                         "from_pretrained")
+    path: str = Field("toy", description="a named model (see `qapframe list`), a local directory loadable with "
+                                         "from_pretrained, or a Hugging Face hub id (namespace/name)")
+    revision: str | None = Field(None, description="with a hub id: the branch, tag or commit to load (None: main)")
     adapter: str | None = Field(None, description="model adapter name; None picks one by architecture")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
     device_map: str | None = Field(None, description="e.g. 'auto' for accelerate big-model loading")
 
 
+_DATASET_FORMS = ("a string ('synthetic', a .jsonl file, or a folder of <split>.jsonl) or a registered dataset "
+                  "loader with its options, {name: <loader>, ...options}")
+
+
 class EvaluationSpec(_Section):
     """What to evaluate on and how much of it."""
 
-    dataset: str = Field("synthetic", description="'synthetic' or a JSONL file of records")
-    image_root: str | None = Field(None, description="folder that image paths in the JSONL are relative to")
+    dataset: DatasetField = Field("synthetic", description=f"{_DATASET_FORMS}; the loaders and their options: "
+                                                          "docs/architecture.md")
+    image_root: str | None = Field(None, description="folder that image paths in the JSONL are relative to, for a "
+                                                     "`dataset` string ({name: jsonl} entries carry their own)")
     split: str = "test"
     num_samples: int | None = Field(200, gt=0, description="evaluation records used; None = all")
+    calibration_dataset: DatasetField | None = Field(
+        None, description="where calibration records come from (its calibration split), in the forms of `dataset`; "
+                          "None: the calibration split of `dataset`")
     calibration_samples: int = Field(32, ge=0, description="records used to calibrate quantizers")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     batch_size: int = Field(8, gt=0)
     max_new_tokens: int = Field(8, gt=0)
+
+    @field_validator("dataset", "calibration_dataset", mode="before")
+    @classmethod
+    def _dataset_form(cls, value: Any) -> Any:
+        # A mapping is validated here, so its errors carry paths under the field (evaluation.dataset.columns...),
+        # not under each member of the union as well.
+        if isinstance(value, dict):
+            if "name" not in value:
+                raise ValueError(f"a dataset loader entry needs `name`, one of: {', '.join(DATASETS.names())}")
+            return DatasetSpec.model_validate(value)
+        if value is None or isinstance(value, (str, DatasetSpec)):
+            return value
+        raise ValueError(f"must be {_DATASET_FORMS}, got {value!r}")
+
+    @model_validator(mode="after")
+    def _image_root_with_a_string(self) -> "EvaluationSpec":
+        if self.image_root is not None and isinstance(self.dataset, DatasetSpec):
+            message = ("applies to a dataset given as a string; a {name: ...} dataset takes its own options "
+                       "(for jsonl: dataset.image_root)")
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=("image_root",),
+                                  input=self.image_root)],
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        # Left out while unset, so that a spec written before the field existed keeps its run keys (results.jsonl).
+        if data.get("calibration_dataset") is None:
+            data.pop("calibration_dataset", None)
+        return data
 
 
 class OutputSpec(_Section):
@@ -247,66 +294,6 @@ def parse_spec(data: Any, source: str | None = None) -> PipelineSpec:
     except SpecError as exc:
         raise SpecError(exc.problems, source) from None
     return spec
-
-
-BUILTIN_SPECS = Path(__file__).resolve().parent / "specs"  # shipped specs, usable by name: `qapframe run qapruner`
-
-
-def builtin_spec_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_SPECS.glob("*.yaml"))
-
-
-def resolve_spec_path(path: str | Path) -> Path:
-    """An existing file as given, else a shipped spec named by its stem (``qapruner``, ``smoke``)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.parent == Path(".") and not path.suffix and (BUILTIN_SPECS / f"{path.name}.yaml").is_file():
-        return BUILTIN_SPECS / f"{path.name}.yaml"
-    raise SpecError(
-        [("(file)", f"no such file, and not a built-in spec name (built-in: {', '.join(builtin_spec_names())})")],
-        str(path),
-    )
-
-
-def _pointer(text: str, line: int, column: int) -> str:
-    """The 1-based ``line`` of ``text`` with a caret under ``column``, indented under a problem line."""
-    lines = text.splitlines()
-    if not 1 <= line <= len(lines):
-        return ""
-    gutter = f"    {line} | "
-    return f"\n{gutter}{lines[line - 1]}\n{' ' * (len(gutter) - 2)}| {' ' * (column - 1)}^"
-
-
-def _syntax_problem(exc: Exception, text: str) -> str:
-    """A YAML/JSON parser error as ``line L, column C: what`` plus the line itself with a caret."""
-    if isinstance(exc, json.JSONDecodeError):
-        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}" + _pointer(text, exc.lineno, exc.colno)
-    mark = getattr(exc, "problem_mark", None)
-    if mark is None:
-        return str(exc).replace("\n", " ")
-    line, column = mark.line + 1, mark.column + 1
-    message = f"line {line}, column {column}: {exc.problem}"
-    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    if context and context_mark is not None:
-        message += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
-    return message + _pointer(text, line, column)
-
-
-def read_spec_file(path: str | Path) -> Any:
-    """Parse YAML (or JSON, a YAML subset) into plain data, with the file named in any error."""
-    path = resolve_spec_path(path)
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise SpecError([("(syntax)", _syntax_problem(exc, text))], str(path)) from None
-    if data is None:  # an empty file, or only comments
-        what = "empty" if not text.strip() else "only comments"
-        raise SpecError(
-            [("(file)", f"the file is {what}; a spec is a mapping of sections: {', '.join(SECTIONS)}")], str(path)
-        )
-    return data
 
 
 def load_spec(spec_or_path: Union[str, Path, dict, PipelineSpec]) -> PipelineSpec:

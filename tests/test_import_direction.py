@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qapframe"
 # Below the spec: the strategy families, the kernels they call, the models and data they run on.
-BELOW_SPEC = ("strategy.py", "registry.py", "errors.py", "strategies", "kernels", "models", "data", "sources", "quantizers")
+BELOW_SPEC = ("strategy.py", "registry.py", "errors.py", "quant_grid.py", "strategies", "kernels", "models", "data", "sources", "quantizers")
 
 _PROBE = r"""
 import importlib, json, sys, types

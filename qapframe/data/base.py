@@ -1,4 +1,5 @@
-"""The dataset interface for visual question answering: records of image, question and answer."""
+"""The dataset interface for visual question answering: records of image, question and answer, and the
+registry of loaders that open a named dataset's splits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from PIL import Image
+
+from qapframe.registry import Registry
+from qapframe.strategy import Strategy
 
 
 @dataclass
@@ -33,3 +37,22 @@ class VQADataset(abc.ABC):
     def __iter__(self) -> Iterator[VQARecord]:
         for i in range(len(self)):
             yield self[i]
+
+
+class DatasetLoader(Strategy, abc.ABC):
+    """Opens one split of a dataset as a `VQADataset`; its options are its pydantic ``Config``.
+
+    A spec names one as ``dataset: {name: <loader>, ...options}``; plugins register through the
+    entry-point group ``qapframe.datasets``.
+    """
+
+    @abc.abstractmethod
+    def open(self, split: str, num_samples: int | None = None) -> VQADataset:
+        """The records of ``split`` (``test``, ``calibration``, ...); ``num_samples`` is a hint that only the
+        first ``num_samples`` are read (the caller keeps only those either way)."""
+
+
+DATASETS: Registry[type[DatasetLoader]] = Registry(
+    "dataset loader", "qapframe.datasets",
+    ("qapframe.data.synthetic", "qapframe.data.jsonl", "qapframe.data.hf", "qapframe.data.scienceqa"),
+)

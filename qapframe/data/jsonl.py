@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Iterable
 
 from PIL import Image
+from pydantic import Field
 
-from qapframe.data.base import VQADataset, VQARecord
+from qapframe.data.base import DATASETS, DatasetLoader, VQADataset, VQARecord
+from qapframe.strategy import StrategyConfig
 
 REQUIRED = ("id", "image", "question", "answer")
 
@@ -119,4 +121,21 @@ def write_jsonl(records: Iterable[VQARecord], path: str | Path, image_dir: str =
     return path
 
 
-__all__ = ["JsonlFormatError", "JsonlVQA", "write_jsonl"]
+class JsonlConfig(StrategyConfig):
+    path: str = Field(..., min_length=1, description="a .jsonl file (used for every split) or a folder holding "
+                                                     "<split>.jsonl (test.jsonl, calibration.jsonl, ...)")
+    image_root: str | None = Field(None, description="folder the image paths are relative to; None: the file's folder")
+
+
+@DATASETS.register("jsonl")
+class JsonlLoader(DatasetLoader):
+    """Local records: one JSON object per line plus a folder of images."""
+
+    Config = JsonlConfig
+
+    def open(self, split: str, num_samples: int | None = None) -> JsonlVQA:
+        path = Path(self.config.path)
+        return JsonlVQA(path / f"{split}.jsonl" if path.is_dir() else path, self.config.image_root)
+
+
+__all__ = ["JsonlConfig", "JsonlFormatError", "JsonlLoader", "JsonlVQA", "write_jsonl"]

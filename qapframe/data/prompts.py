@@ -1,7 +1,8 @@
 """Prompt text for a VQA record and the answer matcher every evaluation uses.
 
-The prompt follows the LLaVA-1.5 conversation layout (``USER: <image>\\n... ASSISTANT:``); the
-processor expands the single ``<image>`` placeholder into one token per vision token.
+The prompt follows the model's chat template (the processor's, else its tokenizer's), else the LLaVA-1.5
+conversation layout (``USER: <image>\\n... ASSISTANT:``); the processor expands the single image placeholder
+into one token per vision token.
 """
 
 from __future__ import annotations
@@ -30,13 +31,35 @@ def format_choices(choices: list[str]) -> str:
     return "Options: " + " ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
 
 
-def build_prompt(record: VQARecord) -> str:
-    """The text fed to the processor together with ``record.image``."""
+def build_prompt(record: VQARecord, processor=None) -> str:
+    """The text fed to the processor together with ``record.image``, in the model's own chat format.
+
+    ``processor`` (a processor or a tokenizer) decides the format: the processor's chat template when it has
+    its own (the user turn holds an image entry, then the question), else its tokenizer's (the image
+    placeholder, then the question, as text: e.g. smol-llava's SmolLM2), with the assistant's turn opened;
+    without either, the LLaVA-1.5 layout ``USER: <image>\\n... ASSISTANT:``.
+    """
     if record.choices:
         body = f"{record.question}\n{format_choices(record.choices)}\n{MULTIPLE_CHOICE_HINT}"
     else:
         body = f"{record.question}\n{SHORT_ANSWER_HINT}"
-    return f"USER: {IMAGE_PLACEHOLDER}\n{body}\nASSISTANT:"
+    tokenizer = getattr(processor, "tokenizer", processor)
+    placeholder = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+    processor_template = getattr(processor, "chat_template", None) if tokenizer is not processor else None
+    # A processor saved beside a text LLM's tokenizer may carry that tokenizer's template (string content only).
+    if processor_template and processor_template != getattr(tokenizer, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": body}]}]
+        return processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    if getattr(tokenizer, "chat_template", None):
+        turn = [{"role": "user", "content": f"{placeholder}\n{body}"}]
+        return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    return f"USER: {placeholder}\n{body}\nASSISTANT:"
+
+
+def uses_chat_template(processor) -> bool:
+    """Whether `build_prompt` formats prompts for ``processor`` with a chat template."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
 
 
 def normalize_answer(text: str) -> str:
@@ -66,4 +89,4 @@ def is_correct(prediction: str, record: VQARecord) -> bool:
     return pred in (letter, f"{letter} {answer}", f"option {letter}")
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "build_prompt", "format_choices", "is_correct", "normalize_answer"]
+__all__ = ["IMAGE_PLACEHOLDER", "build_prompt", "format_choices", "is_correct", "normalize_answer", "uses_chat_template"]

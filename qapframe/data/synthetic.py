@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from qapframe.data.base import VQADataset, VQARecord
+from qapframe.data.base import DATASETS, DatasetLoader, VQADataset, VQARecord
+from qapframe.strategy import StrategyConfig
 
 if TYPE_CHECKING:
     import torch
@@ -221,6 +223,21 @@ class SyntheticVQA(VQADataset):
         return f"SyntheticVQA(split={self.split!r}, size={self.size}, seed={self.seed})"
 
 
+class SyntheticConfig(StrategyConfig):
+    seed: int = Field(0, description="the benchmark's seed: another seed draws other records for every split")
+
+
+@DATASETS.register("synthetic")
+class SyntheticLoader(DatasetLoader):
+    """qapframe's seeded benchmark (coloured shapes on a grid); splits train, calibration and test."""
+
+    Config = SyntheticConfig
+
+    def open(self, split: str, num_samples: int | None = None) -> SyntheticVQA:
+        # The split's size is ``num_samples`` (its default size when None): records do not depend on it.
+        return SyntheticVQA(split, size=num_samples, seed=self.config.seed)
+
+
 __all__ = [
     "COLOURS",
     "FORMS",
@@ -229,6 +246,8 @@ __all__ = [
     "POSITIONS",
     "QUESTION_TYPES",
     "SHAPES",
+    "SyntheticConfig",
+    "SyntheticLoader",
     "SyntheticVQA",
     "blank_image",
     "cell_labels",

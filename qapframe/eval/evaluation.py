@@ -34,10 +34,19 @@ def image_token_id(model: torch.nn.Module) -> int:
     return getattr(config, "image_token_index", None) if value is None else value
 
 
+def vision_placeholders(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: the prompt's image and video placeholder tokens (models without video: images only)."""
+    mask = input_ids == image_token_id(model)
+    config = model.config
+    video = getattr(config, "video_token_id", None)
+    video = getattr(config, "video_token_index", None) if video is None else video
+    return mask | (input_ids == video) if video is not None else mask
+
+
 def retained_tokens(model: torch.nn.Module, input_ids: torch.Tensor) -> list[float]:
     """Vision tokens the LLM received per sample ``[B]``: from the adapter's record of its selection
-    (``model.qapframe_last_selection``) when pruning is installed, else the image tokens in the prompt."""
-    dense = (input_ids == image_token_id(model)).sum(dim=1)  # [B]
+    (``model.qapframe_last_selection``) when pruning is installed, else the image and video tokens in the prompt."""
+    dense = vision_placeholders(model, input_ids).sum(dim=1)  # [B]
     info = getattr(model, "qapframe_last_selection", None)
     if not info:
         return [float(v) for v in dense.tolist()]
@@ -129,7 +138,7 @@ def evaluate_run(
                 )
     finally:
         timer.remove()
-    dense_tokens = float((inputs["input_ids"][0] == image_token_id(model)).sum()) if mine else None
+    dense_tokens = float(vision_placeholders(model, inputs["input_ids"][:1]).sum()) if mine else None
     return {
         "outcomes": outcomes,
         "prefill_s": sum(timer.seconds),

@@ -1,11 +1,13 @@
 """The records a run uses and the model inputs built from them: evaluation batches and calibration inputs.
 
-Evaluation records are fixed per spec; calibration records are a seeded subset of the dataset's
-calibration split per run seed, and each becomes one input dict (prompt plus answer, no padding).
+Evaluation records are fixed per spec; calibration records are a seeded subset of a calibration split per run
+seed (``evaluation.calibration_dataset``'s, else the evaluation dataset's), and each becomes one input dict
+(prompt plus answer, no padding).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Sequence
 
@@ -13,18 +15,19 @@ import torch
 
 from qapframe import distributed as dist
 from qapframe.data.base import VQADataset, VQARecord
+from qapframe.data.loading import DatasetField
 from qapframe.errors import QapframeError
 from qapframe.eval.loading import ModelSource
 from qapframe.spec import EvaluationSpec
 
 
-def _open_dataset(evaluation: EvaluationSpec, split: str) -> VQADataset:
+def _open_dataset(dataset: DatasetField, image_root: str | None, split: str, field: str) -> VQADataset:
     from qapframe.data import load_dataset
 
     try:
-        return load_dataset(evaluation.dataset, split, image_root=evaluation.image_root)
-    except (OSError, ValueError) as exc:
-        raise QapframeError(f"evaluation.dataset ({split} split): {exc}") from exc
+        return load_dataset(dataset, split, image_root=image_root)
+    except (ImportError, OSError, ValueError) as exc:
+        raise QapframeError(f"evaluation.{field} ({split} split): {exc}") from exc
 
 
 class DataCache:
@@ -34,9 +37,20 @@ class DataCache:
         self._datasets: dict[tuple, VQADataset] = {}
 
     def dataset(self, evaluation: EvaluationSpec, split: str) -> VQADataset:
-        key = (evaluation.dataset, evaluation.image_root, split)
+        """``split`` of the evaluation dataset."""
+        return self._open(evaluation.dataset, evaluation.image_root, split, "dataset")
+
+    def calibration_dataset(self, evaluation: EvaluationSpec) -> VQADataset:
+        """The calibration split of ``evaluation.calibration_dataset``, or of the evaluation dataset when unset."""
+        if evaluation.calibration_dataset is None:
+            return self.dataset(evaluation, "calibration")
+        return self._open(evaluation.calibration_dataset, None, "calibration", "calibration_dataset")
+
+    def _open(self, dataset: DatasetField, image_root: str | None, split: str, field: str) -> VQADataset:
+        named = dataset if isinstance(dataset, str) else json.dumps(dataset.model_dump(mode="json"), sort_keys=True)
+        key = (named, image_root, split)
         if key not in self._datasets:
-            self._datasets[key] = _open_dataset(evaluation, split)
+            self._datasets[key] = _open_dataset(dataset, image_root, split, field)
         return self._datasets[key]
 
     def evaluation_records(self, evaluation: EvaluationSpec) -> list[VQARecord]:
@@ -47,7 +61,7 @@ class DataCache:
     def calibration_records(self, evaluation: EvaluationSpec, seed: int) -> list[VQARecord]:
         if evaluation.calibration_samples == 0:
             return []
-        dataset = self.dataset(evaluation, "calibration")
+        dataset = self.calibration_dataset(evaluation)
         n = min(evaluation.calibration_samples, len(dataset))
         # Which records calibrate is part of what a seed varies (the spread over seeds includes it).
         indices = sorted(random.Random(f"qapframe-calibration:{seed}").sample(range(len(dataset)), n))
@@ -60,10 +74,18 @@ def batches(items: Sequence, size: int) -> list[list]:
 
 def model_inputs(processor, records: Sequence[VQARecord], model: torch.nn.Module, with_answer: bool = False):
     """The keyword arguments of one batch for ``model``; ``with_answer`` appends each answer (calibration text)."""
-    from qapframe.data.prompts import build_prompt
+    from qapframe.data.prompts import build_prompt, uses_chat_template
 
-    texts = [build_prompt(r) + (f" {r.answer}" if with_answer else "") for r in records]
-    inputs = processor(images=[r.image for r in records], text=texts, return_tensors="pt", padding=True)
+    eos = processor.tokenizer.eos_token
+    # A chat model's answer is its assistant turn: the text right after the turn opens, then the turn's end.
+    answer = (lambda r: f"{r.answer}{eos}") if uses_chat_template(processor) else (lambda r: f" {r.answer}")
+    texts = [build_prompt(r, processor) + (answer(r) if with_answer else "") for r in records]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # greedy generation of a batch needs left padding
+    try:
+        inputs = processor(images=[r.image for r in records], text=texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
     inputs = inputs.to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return dict(inputs)

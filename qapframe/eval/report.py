@@ -197,6 +197,18 @@ def summary_markdown(rows: list[ConfigurationRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_table(rows: list[ConfigurationRow], width: int = 60) -> str:
+    """The terminal's end-of-run table: one line per configuration, its label cut to ``width``, accuracy (%)
+    and vision tokens per image as mean ± std over its successful seeds, and how many seeds failed."""
+    lines = [f"{'configuration':<{width}}  {'accuracy (%)':>13}  {'tokens':>13}  seeds"]
+    for row in rows:
+        label = row.label if len(row.label) <= width else row.label[: width - 1] + "…"
+        failed = f" ({len(row.errors)} failed)" if row.errors else ""
+        lines.append(f"{label:<{width}}  {_pm(row.stat('accuracy'), 100):>13}  {_pm(row.stat('retained_tokens')):>13}"
+                     f"  {len(row.ok)}{failed}")
+    return "\n".join(lines)
+
+
 def plot_accuracy_vs_retention(rows: list[ConfigurationRow], path: str | Path) -> Path | None:
     """Accuracy (mean ± std) vs retention per curve, dense baselines as grey horizontal lines; None (and
     no file) when no run succeeded."""

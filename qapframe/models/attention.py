@@ -119,3 +119,33 @@ def last_token_attention(capture: ProjectionCapture, attention_mask: torch.Tenso
     q_last = q[torch.arange(q.shape[0], device=q.device), :, last].unsqueeze(2)  # [B, H, 1, Dh]
     allowed = (mask & (positions[None] <= last[:, None])).unsqueeze(1)  # [B, 1, S]
     return attention_probs(q_last, k, capture.scaling, allowed)[:, :, 0].mean(dim=1)  # [B, S]
+
+
+def received_attention_and_keys(capture: ProjectionCapture) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a hooked vision-encoder layer without [CLS] (SigLIP): the mean attention each token receives,
+    averaged over heads and over all queries of its crop ``[B, S]``, and the keys averaged over heads
+    ``[B, S, Dh]``. Each crop's row sums to 1, like a [CLS] row; computed one crop at a time, since the
+    full ``[H, S, S]`` probabilities of every crop at once would cost ``B * H * S^2`` floats."""
+    q, k = capture.query_key()  # [B, H, S, Dh] each; bidirectional, no mask
+    received = torch.stack([attention_probs(q[i : i + 1], k[i : i + 1], capture.scaling).mean(dim=(1, 2))[0]
+                            for i in range(q.shape[0])])  # [B, S]
+    return received, k.float().mean(dim=1)
+
+
+def packed_received_attention(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, cu_seqlens: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Bidirectional attention within each packed segment (``cu_seqlens [G + 1]``, e.g. Qwen's frames) of
+    ``query``/``keys [S, H, Dh]`` -> ``[S]`` float32: the attention each token receives, mean over heads and
+    over its segment's queries (each segment sums to 1). Queries run in chunks, so memory is
+    ``H * chunk * S_g`` floats, not ``H * S_g^2``."""
+    out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        k = keys[start:end].transpose(0, 1)[None]  # [1, H, S_g, Dh]
+        total = torch.zeros(end - start, dtype=torch.float32, device=query.device)
+        for q0 in range(start, end, chunk):
+            q = query[q0 : min(q0 + chunk, end)].transpose(0, 1)[None]  # [1, H, c, Dh]
+            total += attention_probs(q, k, scaling)[0].sum(dim=(0, 1))
+        out[start:end] = total / (query.shape[1] * (end - start))
+    return out

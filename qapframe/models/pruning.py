@@ -27,6 +27,8 @@ class ImageTokens:
     activation_error: torch.Tensor | None = None  # [N] error of the pipeline's first activation quantizer
     llm_hidden: torch.Tensor | None = None  # [N, D] in-LLM: hidden states after the ranking layer
     llm_keys: torch.Tensor | None = None  # [N, Hkv * Dh] in-LLM: keys at the ranking layer
+    modality: str = "image"  # "image" or "video" (a clip's frames are one token set)
+    per_token: dict[str, torch.Tensor] | None = None  # architecture data per token, [..., N, D] (Qwen3-VL deepstack)
 
     @property
     def num_tokens(self) -> int:

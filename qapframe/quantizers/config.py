@@ -17,7 +17,8 @@ PRESETS: dict[str, tuple[int, int]] = {"W4A16": (4, 16), "W8A8": (8, 8), "W4A8":
 
 # Linear layers that stay fp by default: the vision side and the heads (the LLM's Linears are the targets).
 # The BERT pooler is a classification head that never touches the hidden states, like lm_head.
-DEFAULT_IGNORE = ["*vision_tower*", "*multi_modal_projector*", "*lm_head*", "*pooler*"]
+# Qwen-VL keeps its vision tower and patch merger(s) under ``model.visual``.
+DEFAULT_IGNORE = ["*vision_tower*", "*multi_modal_projector*", "*.visual.*", "*lm_head*", "*pooler*"]
 
 
 @dataclass(frozen=True)

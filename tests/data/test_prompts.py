@@ -3,6 +3,7 @@ from PIL import Image
 
 from qapframe.data.base import VQARecord
 from qapframe.data.prompts import build_prompt, format_choices, is_correct, normalize_answer
+from qapframe.data.synthetic import make_record
 
 
 def _record(answer, choices=None, question="What colour is it?"):
@@ -49,3 +50,53 @@ def test_letter_a_is_not_lost_to_article_removal():
 )
 def test_short_answer_is_normalized_exact_match(prediction, answer, expected):
     assert is_correct(prediction, _record(answer)) is expected
+
+
+# A LLaVA-1.5-hf-style processor template: structured content, the image entry rendered as the placeholder.
+HF_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _toy_processor():
+    from transformers import AutoProcessor
+
+    from qapframe.toy import TOY_PATH
+
+    return AutoProcessor.from_pretrained(TOY_PATH)
+
+
+def test_a_processor_without_chat_template_keeps_the_llava_layout():
+    from qapframe.data.prompts import uses_chat_template
+
+    processor = _toy_processor()
+    record = make_record(0, "test", 3)
+    assert not uses_chat_template(processor)
+    assert build_prompt(record, processor) == build_prompt(record) and build_prompt(record).startswith("USER: <image>\n")
+
+
+def test_the_processors_chat_template_formats_the_prompt_with_an_image_entry():
+    from qapframe.data.prompts import uses_chat_template
+
+    processor = _toy_processor()
+    processor.chat_template = HF_LLAVA_TEMPLATE
+    record = make_record(0, "test", 3)
+    prompt = build_prompt(record, processor)
+    assert uses_chat_template(processor)
+    assert prompt == build_prompt(record)  # this template renders exactly LLaVA-1.5's layout
+    inputs = processor(images=[record.image], text=[prompt], return_tensors="pt")
+    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 64
+
+
+def test_a_tokenizer_chat_template_gets_the_placeholder_as_text():
+    processor = _toy_processor()
+    processor.tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    record = make_record(0, "test", 3)
+    assert build_prompt(record, processor).startswith(f"<|user|><image>\n{record.question}")
+    assert build_prompt(record, processor).endswith("<|assistant|>")

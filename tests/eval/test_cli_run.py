@@ -22,7 +22,33 @@ def write_spec(tmp_path, model_dir, **extra) -> str:
 
 def test_run_exits_0_when_every_run_succeeded(tiny_llava_dir, tmp_path, capsys):
     assert main(["run", write_spec(tmp_path, tiny_llava_dir)]) == 0
-    assert "failed" not in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "failed" not in out.err
+    lines = out.out.strip().splitlines()
+    out_dir = tmp_path / "out"
+    assert lines[0].split() == ["configuration", "accuracy", "(%)", "tokens", "seeds"]
+    assert len(lines) == 3 and lines[1].split()[-1] == "1"  # one configuration, one seed
+    assert lines[2] == (f"qapframe: results {out_dir / 'results.jsonl'}, summary {out_dir / 'summary.md'}, "
+                        f"plot {out_dir / 'accuracy_vs_retention.png'}")
+
+
+def test_report_rerenders_summary_and_plot_from_results(tiny_llava_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, tiny_llava_dir, sweep={"evaluation.max_new_tokens": [1, 2]})
+    assert main(["run", spec]) == 0
+    out_dir = tmp_path / "out"
+    summary = (out_dir / "summary.md").read_text()
+    (out_dir / "summary.md").unlink()
+    (out_dir / "accuracy_vs_retention.png").unlink()
+    capsys.readouterr()
+    assert main(["report", str(out_dir)]) == 0
+    assert (out_dir / "summary.md").read_text() == summary and (out_dir / "accuracy_vs_retention.png").is_file()
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header, two configurations, where they went
+
+
+def test_report_of_a_directory_without_results_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"qapframe: error: {tmp_path}: no results.jsonl here; "
+                                               "give the output directory of a `qapframe run`")
 
 
 def test_run_exits_1_with_a_count_and_where_the_errors_are(tiny_llava_dir, tmp_path, capsys):

@@ -35,9 +35,53 @@ def _llava_next():
     return model, inputs, {"image_sizes"}
 
 
+def _llava_onevision():
+    from tests.tiny_models import llava_onevision_inputs, tiny_llava_onevision
+
+    model = tiny_llava_onevision(seed=0, num_layers=4)
+    inputs = llava_onevision_inputs(model, [(32, 64), (64, 64), (30, 50)], [4, 7, 2], seed=2)
+    return model, inputs, {"image_sizes"}
+
+
+def _qwen(build):
+    """Qwen-VL with ``mm_token_type_ids`` all text, so that M-RoPE gives the 1-D positions `staged_reference`
+    assumes (tests/models/test_qwen_vl.py checks real 3-D positions, padding and different token counts).
+    Rows of one length and images of different grids but one patch count, so that `single` can slice
+    ``mm_token_type_ids`` and ``pixel_values [3, 96, 96]`` per row."""
+
+    def builder():
+        from tests.tiny_models import qwen_vl_inputs
+
+        inputs = qwen_vl_inputs([(1, 8, 12), (1, 12, 8), (1, 4, 24)], [5, 5, 5], seed=1)
+        inputs["mm_token_type_ids"] = torch.zeros_like(inputs["mm_token_type_ids"])
+        inputs["pixel_values"] = inputs["pixel_values"].view(3, 96, -1)
+        return build(), inputs, {"image_grid_thw", "mm_token_type_ids"}
+
+    return builder
+
+
+def _qwen3_without_deepstack():
+    from tests.tiny_models import tiny_qwen3_vl
+
+    return tiny_qwen3_vl(deepstack=())  # deepstack would refuse PyramidDrop's stage at layer 0
+
+
+def _qwen2_vl():
+    from tests.tiny_models import tiny_qwen2_vl
+
+    return tiny_qwen2_vl()
+
+
+def _qwen2_5_vl():
+    from tests.tiny_models import tiny_qwen2_5_vl
+
+    return tiny_qwen2_5_vl()
+
+
 # One tiny model per adapter; an adapter registered later must add its builder here (the test below fails
 # for any registered adapter without one, so no adapter goes untested).
-BUILDERS = {"llava": _llava, "llava_next": _llava_next}
+BUILDERS = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
+            "qwen2_vl": _qwen(_qwen2_vl), "qwen2_5_vl": _qwen(_qwen2_5_vl), "qwen3_vl": _qwen(_qwen3_without_deepstack)}
 
 METHODS = {  # name -> (scorer, pruner)
     "cdpruner": ({"name": "cdpruner"}, {"name": "cdpruner"}),
@@ -150,7 +194,7 @@ def staged_reference(model, inputs, state, layers, extra_ids=None, generate_posi
         kept = torch.cat([stage.kept_mask.bool(), torch.ones(b, t, dtype=torch.bool)], 1)
         if h is None:
             h = h_full.gather(1, index[..., None].expand(-1, -1, h_full.shape[-1]))
-        else:  # this stage's tokens within the previous stage's sequence
+        else:  # this stage's tokens within the previous stage's sequence (its padding slots match nothing)
             local = torch.stack([(previous[r][:, None] == index[r][None]).float().argmax(0) for r in range(b)])
             h = h.gather(1, local[..., None].expand(-1, -1, h.shape[-1]))
         pos = positions.gather(1, index)
@@ -161,7 +205,7 @@ def staged_reference(model, inputs, state, layers, extra_ids=None, generate_posi
         for layer in lm.layers[bounds[s] + 1 : bounds[s + 1] + 1]:
             h = layer(h, attention_mask=attn, position_embeddings=(cos, sin), position_ids=pos)
             h = h[0] if isinstance(h, tuple) else h
-        previous = index
+        previous = index.masked_fill(~kept, -1)
     return model.lm_head(lm.norm(h)), kept
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qapframe.errors import QapframeError
-from qapframe.sources import MODEL_SOURCES, cache_dir, resolve_named_model
+from qapframe.sources import MODEL_SOURCES, PROVENANCE_FILE, cache_dir, resolve_named_model
 from qapframe.sources import smollm2
 
 
@@ -56,7 +56,7 @@ def test_conversion_is_atomic_cached_and_redone_when_the_package_changes(monkeyp
     monkeypatch.setattr(smollm2, "convert", converts)
     target = smollm2.smollm2_135m()
     assert target == models / "smollm2-135m" and (target / "config.json").is_file()
-    assert json.loads((target / smollm2.PROVENANCE).read_text())["file"] == smollm2.GGUF_FILE
+    assert json.loads((target / PROVENANCE_FILE).read_text())["file"] == smollm2.GGUF_FILE
     assert smollm2.smollm2_135m() == target and len(calls) == 1  # cached
     monkeypatch.setattr(smollm2, "_package_version", lambda: "9.9")
     assert smollm2.smollm2_135m() == target and len(calls) == 2  # another wheel: converted again

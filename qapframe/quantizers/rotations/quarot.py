@@ -7,7 +7,8 @@ Steps, each exact in real arithmetic (done in float64, stored in the model's dty
    since ``rms(x Q) = rms(x)``.
 2. Rotate the residual stream ``x -> x Q`` with ``Q = diag(s) H / sqrt(D)`` (random signs ``s``, a Hadamard
    ``H``; see `hadamard`): embeddings ``E Q``; readers ``W -> W Q``; writers (o_proj, down_proj, and the
-   LLaVA projector's last Linear, so vision tokens enter the rotated stream) ``W -> Q^T W``, ``b -> Q^T b``.
+   LLaVA projector's or Qwen-VL patch mergers' last Linear, so vision tokens enter the rotated stream)
+   ``W -> Q^T W``, ``b -> Q^T b``.
    ``lm_head`` reads it: ``W diag(w_final) Q``. Tied embeddings are untied when the final norm's scale
    makes ``lm_head`` differ from the embeddings (``config.tie_word_embeddings`` is then set false).
 3. Per attention head, ``v -> v R`` and o_proj's input columns ``-> R`` (``R = H_d / sqrt(d)``): o_proj's
@@ -21,7 +22,8 @@ The vision tower and the projector's inner layers are untouched. Norms are check
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import Field
@@ -48,6 +50,7 @@ class DecoderLayout:
     extra_stream: list[nn.Parameter]  # parameters added to the stream as tokens (LLaVA-NeXT's image_newline)
     hidden: int
     head_dim: int
+    mergers_out: list[nn.Linear] = field(default_factory=list)  # Qwen-VL: last Linear of each patch merger
 
 
 def _refuse(model: nn.Module, why: str) -> ValueError:
@@ -86,9 +89,16 @@ def find_layout(model: nn.Module) -> DecoderLayout:
                 raise _refuse(model, f"{name} does not end in a Linear writing {hidden} channels")
             projector_out = linears[-1]
     extra = [p for n, p in model.named_parameters() if n.endswith("image_newline") and p.shape == (hidden,)]
+    mergers = []  # Qwen-VL's merger (and Qwen3-VL's deepstack mergers) write vision tokens into the stream
+    for name, module in model.named_modules():
+        if re.search(r"(^|\.)visual\.(merger|deepstack_merger_list\.\d+)$", name):
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            if not linears or linears[-1].out_features != hidden:
+                raise _refuse(model, f"{name} does not end in a Linear writing {hidden} channels")
+            mergers.append(linears[-1])
     attn = layers[0].self_attn
     head_dim = getattr(attn, "head_dim", None) or hidden // attn.config.num_attention_heads
-    return DecoderLayout(decoder, layers, lm_head, projector_out, extra, hidden, head_dim)
+    return DecoderLayout(decoder, layers, lm_head, projector_out, extra, hidden, head_dim, mergers)
 
 
 def _check_rmsnorm(model: nn.Module, norm: nn.Module) -> None:
@@ -148,6 +158,8 @@ def rotate_decoder(model: nn.Module, Q: torch.Tensor, head_rotation: torch.Tenso
         _set(p, p.double() @ Q)
     if layout.projector_out is not None:
         _write(layout.projector_out, Q)
+    for linear in layout.mergers_out:
+        _write(linear, Q)
     for layer in layout.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
