@@ -171,6 +171,16 @@ def evaluate(model, processor, size: int, data_seed: int, blank: bool = True) ->
     return result
 
 
+def log_evaluation(label: str, model, processor, args, state: dict) -> None:
+    """A quick evaluation (``--eval-size`` questions, no blank images) printed and kept in the run's log."""
+    model.eval()
+    with torch.no_grad():
+        line = f"  {label}: {evaluate(model, processor, args.eval_size, args.data_seed, blank=False)}"
+    model.train()
+    state["log"].append(line)
+    print(line, flush=True)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -243,23 +253,13 @@ def main(argv=None) -> dict:
                 state["log"].append(line)
                 print(line, flush=True)
             if args.eval_every and name == "tune" and state["step"] % args.eval_every == 0 and state["step"] < steps:
-                model.eval()
-                with torch.no_grad():
-                    line = f"  eval@{name}{state['step']}: {evaluate(model, processor, args.eval_size, args.data_seed, blank=False)}"
-                model.train()
-                state["log"].append(line)
-                print(line, flush=True)
+                log_evaluation(f"eval@{name}{state['step']}", model, processor, args, state)
             if state["step"] % args.checkpoint_every == 0 or state["step"] == steps:
                 save_atomic({"trainable": [p.detach().clone() for p in projector + lora.parameters()],
                              "optimizer": optimizer.state_dict(), "state": state, "rng": rng.getstate(),
                              "torch_rng": torch.get_rng_state()}, checkpoint_path)
         if name == "align":
-            model.eval()
-            with torch.no_grad():
-                line = f"  eval after alignment: {evaluate(model, processor, args.eval_size, args.data_seed, blank=False)}"
-            model.train()
-            state["log"].append(line)
-            print(line, flush=True)
+            log_evaluation("eval after alignment", model, processor, args, state)
         state["stage"] += 1
         state["step"] = 0
     train_seconds = state["elapsed"]
