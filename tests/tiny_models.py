@@ -78,6 +78,17 @@ def tiny_llava_next(seed: int = 0, num_layers: int = 3, attn_implementation: str
     return LlavaNextForConditionalGeneration(config).eval()
 
 
+def left_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Token rows of different lengths -> ``input_ids`` and ``attention_mask`` ``[B, L]``, padded on the left."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def llava_inputs(batch_size: int = 1, prompt_lengths: list[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Left-padded prompts ``[text..., <image> x 16, text...]`` for `tiny_llava`."""
     generator = torch.Generator().manual_seed(seed)
@@ -87,14 +98,8 @@ def llava_inputs(batch_size: int = 1, prompt_lengths: list[int] | None = None, s
         before = torch.randint(4, VOCAB_SIZE, (2,), generator=generator).tolist()
         after = torch.randint(4, VOCAB_SIZE, (length,), generator=generator).tolist()
         rows.append([1] + before + [IMAGE_TOKEN_ID] * 16 + after)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
     pixel_values = torch.randn(len(rows), 3, 32, 32, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    return {**left_padded(rows), "pixel_values": pixel_values}
 
 
 def llava_next_inputs(
@@ -121,13 +126,7 @@ def llava_next_inputs(
         before = torch.randint(4, VOCAB_SIZE, (2,), generator=generator).tolist()
         after = torch.randint(4, VOCAB_SIZE, (length,), generator=generator).tolist()
         rows.append([1] + before + [IMAGE_TOKEN_ID] * n + after)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "image_sizes": sizes}
+    return {**left_padded(rows), "pixel_values": pixel_values, "image_sizes": sizes}
 
 
 VIDEO_TOKEN_ID = 4  # LLaVA-OneVision's video placeholder; its prompts draw text tokens from 5 upwards
@@ -173,13 +172,7 @@ def _placeholder_prompts(counts: list[int], token_id: int, prompt_lengths: list[
         before = torch.randint(5, VOCAB_SIZE, (2,), generator=generator).tolist()
         after = torch.randint(5, VOCAB_SIZE, (length,), generator=generator).tolist()
         rows.append([1] + before + [token_id] * n + after)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return left_padded(rows)
 
 
 def llava_onevision_inputs(model, image_sizes: list[tuple[int, int]], prompt_lengths: list[int] | None = None,
@@ -293,12 +286,8 @@ def qwen_vl_inputs(
         before = torch.randint(7, VOCAB_SIZE, (2,), generator=generator).tolist()
         after = torch.randint(7, VOCAB_SIZE, (length,), generator=generator).tolist()
         rows.append([1] + before + [QWEN_START_ID] + [token] * (t * h * w // 4) + [QWEN_END_ID] + after)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
+    prompts = left_padded(rows)
+    input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
     types = torch.zeros_like(input_ids, dtype=torch.int)
     types[input_ids == QWEN_IMAGE_ID], types[input_ids == QWEN_VIDEO_ID] = 1, 2
     grid = torch.tensor(grids)
