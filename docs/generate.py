@@ -1,6 +1,6 @@
 """Generate the parts of the docs that the registries and the pydantic models already say, so they cannot drift.
 
-    python docs/generate.py          # rewrite docs/spec.md and the supported matrix in README.md
+    python docs/generate.py          # rewrite docs/spec.md (sections, strategies, dataset loaders) and README's matrix
     python docs/generate.py --check  # exit 1, naming the stale files, when either differs (tests/test_docs.py)
 
 Only built-in strategies are listed (an installed plugin must not change the committed docs).
@@ -120,9 +120,22 @@ def spec_reference() -> str:
                 out += [f"### {kind} `{entry.name}`", "", _first_line(entry.obj), "", *_fields_table(entry.obj.Config), ""]
         elif model is not None:
             out += [_first_line(model), "", *_fields_table(model), ""]
+            if model.__name__ == "EvaluationSpec":
+                out += _dataset_loaders()
         else:
             out += [f"Type: {_type(annotation)}.", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _dataset_loaders() -> list[str]:
+    """The options of each built-in dataset loader (``evaluation.dataset: {name: <loader>, ...options}``)."""
+    from qapframe.data.base import DATASETS
+
+    out = ["`dataset` and `calibration_dataset` take a string (`synthetic`, a `.jsonl` file, a folder of "
+           "`<split>.jsonl`) or `{name: <loader>, ...options}`. The options of each built-in loader:", ""]
+    for entry in _builtin(DATASETS):
+        out += [f"### dataset loader `{entry.name}`", "", _first_line(entry.obj), "", *_fields_table(entry.obj.Config), ""]
+    return out
 
 
 def readme_with_matrix(text: str) -> str:

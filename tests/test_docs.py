@@ -32,6 +32,9 @@ def test_the_matrix_names_every_built_in_strategy_and_the_spec_reference_every_f
         for entry in registry.entries():
             if entry.source == "built-in":
                 assert f"`{entry.name}`" in matrix and f"`{entry.name}`" in reference, entry.name
+    from qapframe.data.base import DATASETS
+
+    assert all(f"### dataset loader `{e.name}`" in reference for e in DATASETS.entries() if e.source == "built-in")
     assert all(f"## `{section}`" in reference for section in PipelineSpec.model_fields)
     assert all(f"| `{field}` |" in reference for field in EvaluationSpec.model_fields)
 

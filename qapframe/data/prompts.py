@@ -34,15 +34,23 @@ def format_choices(choices: list[str]) -> str:
 def build_prompt(record: VQARecord, processor=None) -> str:
     """The text fed to the processor together with ``record.image``, in the model's own chat format.
 
-    ``processor`` (a processor or a tokenizer) decides the format: the processor's chat template when it has
-    its own (the user turn holds an image entry, then the question), else its tokenizer's (the image
-    placeholder, then the question, as text: e.g. smol-llava's SmolLM2), with the assistant's turn opened;
-    without either, the LLaVA-1.5 layout ``USER: <image>\\n... ASSISTANT:``.
+    The question, its choices and qapframe's answer hint form the user turn's text (see `chat_prompt`).
     """
     if record.choices:
         body = f"{record.question}\n{format_choices(record.choices)}\n{MULTIPLE_CHOICE_HINT}"
     else:
         body = f"{record.question}\n{SHORT_ANSWER_HINT}"
+    return chat_prompt(body, processor)
+
+
+def chat_prompt(body: str, processor=None) -> str:
+    """One user turn holding one image and ``body``, with the assistant's turn opened.
+
+    ``processor`` (a processor or a tokenizer) decides the format: the processor's chat template when it has
+    its own (the user turn holds an image entry, then the text), else its tokenizer's (the image placeholder,
+    then the text, as one string: e.g. smol-llava's SmolLM2); without either, the LLaVA-1.5 layout
+    ``USER: <image>\\n... ASSISTANT:``. lmms-eval's tasks bring their own ``body`` (qapframe.integrations).
+    """
     tokenizer = getattr(processor, "tokenizer", processor)
     placeholder = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
     processor_template = getattr(processor, "chat_template", None) if tokenizer is not processor else None

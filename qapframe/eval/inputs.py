@@ -80,10 +80,15 @@ def model_inputs(processor, records: Sequence[VQARecord], model: torch.nn.Module
     # A chat model's answer is its assistant turn: the text right after the turn opens, then the turn's end.
     answer = (lambda r: f"{r.answer}{eos}") if uses_chat_template(processor) else (lambda r: f" {r.answer}")
     texts = [build_prompt(r, processor) + (answer(r) if with_answer else "") for r in records]
+    return processor_inputs(processor, texts, [r.image for r in records], model)
+
+
+def processor_inputs(processor, texts: Sequence[str], images: Sequence, model: torch.nn.Module) -> dict:
+    """``processor``'s tensors for prompt ``texts`` (one image each), left-padded, on ``model``'s device and dtype."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # greedy generation of a batch needs left padding
     try:
-        inputs = processor(images=[r.image for r in records], text=texts, return_tensors="pt", padding=True)
+        inputs = processor(images=list(images), text=list(texts), return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
     inputs = inputs.to(model.device)
@@ -107,4 +112,4 @@ def calibration_inputs(
     return [model_inputs(source.processor, [r], model, with_answer=True) for r in dist.shard(everything)]
 
 
-__all__ = ["DataCache", "batches", "calibration_inputs", "model_inputs"]
+__all__ = ["DataCache", "batches", "calibration_inputs", "model_inputs", "processor_inputs"]

@@ -7,9 +7,9 @@ are recomputed here from the query/key projections captured by forward hooks.
 
 from __future__ import annotations
 
-import sys
-
 import torch
+
+from qapframe.transformers_internals import modeling_function
 
 
 def attention_probs(
@@ -83,7 +83,7 @@ class ProjectionCapture:
         if self.position_embeddings is not None:
             cos, sin = self.position_embeddings
             # Use the architecture's own rotary function: conventions (half-rotation, interleaving) differ.
-            rotate = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
+            rotate = modeling_function(self.attention, "apply_rotary_pos_emb")
             q, k = rotate(q, k, cos, sin)
         return q, k
 

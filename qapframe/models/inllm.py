@@ -315,7 +315,7 @@ class InLLMPruning:
     def _mask(self, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, first_layer: int) -> torch.Tensor | None:
         # Sized against the stage's first cache layer, which holds only its kept tokens; no position ids,
         # since kept positions have gaps that would look like packed sequences.
-        from transformers.masking_utils import create_causal_mask  # lazily: see `LlavaAdapter.matches`
+        from qapframe.transformers_internals import create_causal_mask
 
         return create_causal_mask(
             config=self.lm.config,

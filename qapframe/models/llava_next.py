@@ -30,7 +30,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def describe_images(self, model, features, capture, bound: dict) -> list[ImageTokens]:
         """Packed per-image ``features [N_i, D]`` plus packed CLS attention / keys and the newline mask."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from qapframe.transformers_internals import image_size_to_num_patches
 
         base = model.model
         image_sizes = bound["image_sizes"]

@@ -105,7 +105,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     def describe_images(self, model, features, capture, bound: dict) -> list[ImageTokens]:
         """Packed per-image ``features [N_i, D]`` plus the packed stand-in scores / keys and newline mask."""
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+        from qapframe.transformers_internals import image_size_to_num_patches
 
         config = model.config
         image_sizes, per_sample = bound["image_sizes"], bound.get("batch_num_images")

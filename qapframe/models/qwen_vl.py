@@ -30,7 +30,6 @@ tokens; merged tokens get none. In-LLM pruning must rank after the deepstack lay
 
 from __future__ import annotations
 
-import sys
 from typing import ClassVar
 
 import torch
@@ -39,6 +38,7 @@ from qapframe.models.attention import packed_received_attention
 from qapframe.models.base import ADAPTERS
 from qapframe.models.installation import HookingAdapter
 from qapframe.models.pruning import ImageTokens, image_spans, stack_padded, uses_right_padding
+from qapframe.transformers_internals import modeling_function
 
 _TOKEN_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids values
 
@@ -70,7 +70,7 @@ class FusedQKVCapture:
         s = self._qkv.shape[0]
         heads = module.num_heads
         q, k, _ = self._qkv.reshape(s, 3, heads, -1).unbind(1)  # [S, H, Dh] each
-        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        rotate = modeling_function(module, "apply_rotary_pos_emb_vision")
         q_rot, k_rot = rotate(q, k, cos, sin)
         received = packed_received_attention(q_rot, k_rot, float(module.scaling), cu_seqlens)
         self.result = (received, k.float().mean(dim=1))
@@ -205,9 +205,9 @@ class QwenVLAdapter(HookingAdapter):
 
     def encoder_output(self, features: list[torch.Tensor], deepstack: list[torch.Tensor] | None):
         """A pre-encoded output (``mm_encoder_outputs`` entry) holding per item ``features [K_i, D]``."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from qapframe.transformers_internals import pooled_encoder_output
 
-        return BaseModelOutputWithPooling(pooler_output=tuple(features))
+        return pooled_encoder_output(tuple(features))
 
     def pruned_inputs(self, model, input_ids, attention_mask, vision_inputs, images, spans, selections, generate=False):
         """The shortened prompt: ``input_ids``/``attention_mask [B, L']``, kept features as
@@ -284,10 +284,10 @@ class Qwen25VLAdapter(QwenVLAdapter):
         return max(model.model.visual.fullatt_block_indexes)
 
     def block_order(self, model, grid_thw: torch.Tensor) -> torch.Tensor:
-        from transformers.vision_utils import get_vision_window_index
+        from qapframe.transformers_internals import vision_window_index
 
         visual = model.model.visual
-        window_index, _ = get_vision_window_index(
+        window_index, _ = vision_window_index(
             grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
             patch_size=visual.patch_size,
         )
@@ -312,7 +312,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return layers
 
     def encoder_output(self, features, deepstack):
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+        from qapframe.transformers_internals import deepstack_encoder_output
 
         layers = [] if deepstack is None else [tuple(d[layer] for d in deepstack) for layer in range(deepstack[0].shape[0])]
-        return BaseModelOutputWithDeepstackFeatures(pooler_output=tuple(features), deepstack_features=layers)
+        return deepstack_encoder_output(tuple(features), layers)

@@ -190,8 +190,9 @@ def find_blocks(model: nn.Module, target_names: Iterable[str]) -> tuple[str, nn.
 
 def _drop_caches(kwargs: dict) -> dict:
     """Blocks are re-run many times: a KV cache would grow with each run, so calibration runs without one."""
-    from transformers.cache_utils import Cache
+    from qapframe.transformers_internals import cache_class
 
+    Cache = cache_class()
     out = {}
     for key, value in kwargs.items():
         if isinstance(value, Cache) or key in ("past_key_values", "past_key_value", "cache"):
