@@ -6,6 +6,10 @@ qapframe's own format (for a directory other tools read, see `qapframe.export`).
 quantized module's layout). Loading rebuilds the same modules on a freshly built fp model of the same
 architecture; weights are dequantized from the codes, so the round trip is bit-exact. Format 1 (one code
 per byte, qapframe <= 0.1.0 before packing) is still read: its codes are packed on load.
+
+A rotated model (``quantizer.rotation``) saves as well: its rotated weights and unit norms are in the state dict,
+the manifest names each Linear's online Hadamard (``input_transform``: size and seed, rebuilt on load) and says
+whether ``lm_head`` is tied to the embeddings (the rotation unties them where the final norm was folded in).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from qapframe.quantizers.config import ActSpec, WeightSpec
 from qapframe.quant_grid import code_range
 from qapframe.quantizers.fake_quant import QuantizedLinear
 from qapframe.quantizers.packing import pack_codes
+from qapframe.quantizers.rotations.hadamard import HadamardLinear, OnlineHadamard
 from qapframe.quantizers.layerwise import QUANT_CONFIG_ATTR
 from qapframe.quantizers.targets import set_module
 
@@ -44,14 +49,40 @@ def _describe(module: QuantizedLinear) -> dict:
     }
 
 
+def _input_transforms(model: nn.Module) -> dict[str, dict]:
+    """``{module name: {kind, n, seed}}`` for every Linear with an online transform on its input."""
+    out = {}
+    for name, module in model.named_modules():
+        transform = getattr(module, "input_transform", None)
+        if transform is None:
+            continue
+        if not isinstance(transform, OnlineHadamard):
+            raise ValueError(f"save_quantized: module {name!r} has an input transform of type "
+                             f"{type(transform).__name__}; qapframe's format can rebuild only OnlineHadamard")
+        out[name] = {"kind": "hadamard", "n": transform.n, "seed": transform.seed}
+    return out
+
+
+def _embeddings_tied(model: nn.Module) -> bool | None:
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return None
+    embed, head = get_in(), get_out()
+    if embed is None or head is None:
+        return None
+    return head.weight is embed.weight
+
+
 def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` (quantized with qapframe) to ``directory``; returns the directory."""
     directory = Path(directory)
     modules = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not modules:
         raise ValueError("save_quantized: the model has no QuantizedLinear modules; quantize it first")
+    transforms = _input_transforms(model)
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": FORMAT_VERSION, "quantizer": getattr(model, QUANT_CONFIG_ATTR, None), "modules": modules}
+    manifest = {"format": FORMAT_VERSION, "quantizer": getattr(model, QUANT_CONFIG_ATTR, None), "modules": modules,
+                "input_transforms": transforms, "tied_embeddings": _embeddings_tied(model)}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     save_model(model, str(directory / WEIGHTS_FILE))  # de-duplicates tied tensors (embeddings / lm_head)
     return directory
@@ -68,6 +99,8 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
             "(a newer qapframe wrote it: upgrade qapframe)"
         )
     device = next(model.parameters()).device
+    if manifest.get("tied_embeddings") is False and _embeddings_tied(model):
+        _untie_output_embeddings(model)  # the rotation untied them: lm_head has weights of its own on disk
     for name, meta in manifest["modules"].items():
         act = meta["act"]
         module = QuantizedLinear(
@@ -84,12 +117,39 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
             set_module(model, name, module)
         except AttributeError:
             raise ValueError(f"{directory}: quantized module {name!r} does not exist in this model") from None
+    _restore_input_transforms(model, manifest.get("input_transforms", {}), directory)
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     if version == 1:
         state = _pack_format_1(state, manifest["modules"])
     _load_state(model, state, directory / WEIGHTS_FILE)
     setattr(model, QUANT_CONFIG_ATTR, manifest["quantizer"])
     return model
+
+
+def _untie_output_embeddings(model: nn.Module) -> None:
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    config = getattr(model, "config", None)
+    for cfg in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
+def _restore_input_transforms(model: nn.Module, transforms: dict[str, dict], directory: Path) -> None:
+    """Rebuild each saved online Hadamard on its module (a plain Linear becomes a `HadamardLinear`)."""
+    modules = dict(model.named_modules())
+    for name, meta in transforms.items():
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, QuantizedLinear)) or meta.get("kind") != "hadamard":
+            raise ValueError(f"{directory / MANIFEST_FILE}: input transform {meta} of {name!r} cannot be rebuilt "
+                             "on this model (no such Linear, or an unknown kind; known: hadamard)")
+        weight = getattr(module, "weight", None)
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        transform = OnlineHadamard(meta["n"], meta["seed"], dtype, next(model.parameters()).device)
+        if isinstance(module, QuantizedLinear):
+            module.input_transform = transform
+        else:
+            set_module(model, name, HadamardLinear(module, transform))
 
 
 def _pack_format_1(state: dict[str, torch.Tensor], modules: dict[str, dict]) -> dict[str, torch.Tensor]:

@@ -57,3 +57,37 @@ def test_format_1_directories_still_load(tmp_path):
     (tmp_path / "q" / MANIFEST_FILE).write_text(json.dumps({**manifest, "format": 7}))
     with pytest.raises(ValueError, match="format 7; this qapframe reads formats \\[1, 2\\]"):
         load_quantized(tiny_llava(seed=2), tmp_path / "q")
+
+
+@pytest.mark.parametrize("inter", [96, 90])  # a Hadamard of order 96; none of order 90 (its seeded random one)
+def test_rotated_model_round_trip_is_exact(tmp_path, inter):
+    """QuaRot-rotated W4A4: rotated weights, unit norms, the untied lm_head and each down_proj's online Hadamard
+    all come back from disk onto a fresh, tied, unrotated model of the same config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qapframe.quantizers.rotations import OnlineHadamard
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=inter, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config).eval()
+        for name, p in model.named_parameters():
+            if "norm" in name:  # non-unit norm scales, so that folding them (and untying lm_head) matters
+                p.data = torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)) + 0.5
+        return model
+
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    calibration = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    spec = {"name": "rtn", "scheme": "W4A4", "group_size": 16, "rotation": {"name": "hadamard", "seed": 3}}
+    model = qapframe.quantize(fresh(0), spec, calibration)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(fresh(1), tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    transforms = [m.input_transform for m in loaded.modules() if getattr(m, "input_transform", None) is not None]
+    assert len(transforms) == 2 and all(isinstance(t, OnlineHadamard) and t.structured == (inter == 96)
+                                        for t in transforms)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert loaded.config.tie_word_embeddings is False

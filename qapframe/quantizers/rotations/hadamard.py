@@ -115,7 +115,7 @@ class OnlineHadamard(nn.Module):
 
     def __init__(self, n: int, seed: int = 0, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        self.n = n
+        self.n, self.seed = n, seed  # all it takes to rebuild it (qapframe.quantizers.serialization)
         factors = hadamard_factors(n)
         self.structured = factors is not None
         if factors is None:
