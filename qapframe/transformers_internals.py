@@ -57,6 +57,25 @@ def deepstack_encoder_output(features: tuple[torch.Tensor, ...], deepstack: list
     return BaseModelOutputWithDeepstackFeatures(pooler_output=features, deepstack_features=deepstack)
 
 
+def between_layers(decoder: torch.nn.Module, decoder_kwargs: dict) -> Callable | None:
+    """What ``decoder``'s forward adds to the hidden states after its layer ``i``, as ``f(i, hidden) -> hidden``,
+    for the call that received ``decoder_kwargs``; None when it adds nothing between layers.
+
+    Qwen3-VL's text model adds each deepstack layer's vision features at the vision positions after decoder
+    layers 0..K-1 (``_deepstack_process``); block-by-block calibration replays that so later layers see the
+    hidden states the model gives them.
+    """
+    embeds, mask = decoder_kwargs.get("deepstack_visual_embeds"), decoder_kwargs.get("visual_pos_masks")
+    process = getattr(decoder, "_deepstack_process", None)
+    if process is None or embeds is None or mask is None:
+        return None
+
+    def add(i: int, hidden: torch.Tensor) -> torch.Tensor:
+        return process(hidden.clone(), mask, embeds[i]) if i < len(embeds) else hidden
+
+    return add
+
+
 def modeling_function(module: torch.nn.Module, name: str) -> Callable:
     """The function ``name`` of the modeling module that defines ``type(module)``, e.g. its
     ``apply_rotary_pos_emb``: rotary conventions (half rotation, interleaving) differ by architecture."""
@@ -68,5 +87,5 @@ def modeling_function(module: torch.nn.Module, name: str) -> Callable:
     return function
 
 
-__all__ = ["cache_class", "create_causal_mask", "deepstack_encoder_output", "image_size_to_num_patches",
+__all__ = ["between_layers", "cache_class", "create_causal_mask", "deepstack_encoder_output", "image_size_to_num_patches",
            "modeling_function", "pooled_encoder_output", "vision_window_index"]

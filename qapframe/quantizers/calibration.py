@@ -30,6 +30,8 @@ class BlockInput:
     args: tuple
     kwargs: dict
     mask: torch.Tensor | None = None
+    # f(i, hidden) -> hidden: what the blocks' parent adds after block i (see transformers_internals.between_layers)
+    between: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
 
 class _StopForward(Exception):
@@ -204,15 +206,26 @@ def _drop_caches(kwargs: dict) -> dict:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, samples: list[dict]) -> list[BlockInput]:
-    """What each calibration sample passes to ``block`` (the first repeated block)."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, samples: list[dict],
+                         parent: nn.Module | None = None) -> list[BlockInput]:
+    """What each calibration sample passes to ``block`` (the first repeated block), and what ``parent`` (the
+    module whose forward runs the blocks) adds between blocks for that sample."""
+    from qapframe.transformers_internals import between_layers
+
     captured: list[BlockInput] = []
+    parent_kwargs: list[dict] = [{}]
+
+    def parent_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        parent_kwargs[0] = kwargs
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(BlockInput(tuple(args), _drop_caches(kwargs)))
+        between = between_layers(parent, parent_kwargs[0]) if parent is not None else None
+        captured.append(BlockInput(tuple(args), _drop_caches(kwargs), between=between))
         raise _StopForward
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(hook, with_kwargs=True)]
+    if parent is not None:
+        handles.append(parent.register_forward_pre_hook(parent_hook, with_kwargs=True))
     try:
         for sample in samples:
             before = len(captured)
@@ -223,16 +236,21 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, samples: list[dict]
             if len(captured) != before + 1:
                 raise RuntimeError("the first block was not called by the model's forward")
             captured[-1].mask = token_mask(sample)
+            parent_kwargs[0] = {}
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
 
 
-def _with_hidden(inp: BlockInput, hidden: torch.Tensor) -> BlockInput:
+def _with_hidden(inp: BlockInput, hidden: torch.Tensor, after_block: int) -> BlockInput:
+    """``inp`` for the next block: ``hidden`` (block ``after_block``'s output) plus what the parent adds there."""
+    if inp.between is not None:
+        hidden = inp.between(after_block, hidden)
     if inp.args:
-        return BlockInput((hidden, *inp.args[1:]), inp.kwargs, inp.mask)
+        return BlockInput((hidden, *inp.args[1:]), inp.kwargs, inp.mask, inp.between)
     if "hidden_states" in inp.kwargs:
-        return BlockInput((), {**inp.kwargs, "hidden_states": hidden}, inp.mask)
+        return BlockInput((), {**inp.kwargs, "hidden_states": hidden}, inp.mask, inp.between)
     raise RuntimeError("cannot tell which block argument carries the hidden states")
 
 
@@ -252,7 +270,8 @@ def calibrate_sequential(model: nn.Module, linears: dict[str, nn.Linear], sample
     if found is not None:
         prefix, blocks = found
         try:
-            inputs = capture_block_inputs(model, blocks[0], samples)
+            parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+            inputs = capture_block_inputs(model, blocks[0], samples, parent)
         except Exception as exc:  # any architecture surprise: the whole-model path still works
             log.warning("qapframe: block-by-block calibration unavailable (%s: %s); hooking all Linears at once",
                         type(exc).__name__, exc)
@@ -271,7 +290,7 @@ def calibrate_sequential(model: nn.Module, linears: dict[str, nn.Linear], sample
                     set_module(model, name, wrapped)
                 process(data, modules)
             if i + 1 < len(blocks):
-                inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, data.forward())]
+                inputs = [_with_hidden(inp, out, i) for inp, out in zip(inputs, data.forward())]
     if remaining:
         modules = {}
         for name, linear in remaining.items():

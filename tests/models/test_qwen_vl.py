@@ -409,6 +409,39 @@ def test_layerwise_calibration_sees_the_m_rope_position_embeddings(calibration):
     assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin) and not torch.equal(cos, flat_cos)
 
 
+def test_layerwise_calibration_replays_qwen3_vl_deepstack_between_layers(calibration):
+    """Each block gets, during block-by-block calibration, exactly what the model's own forward gives it:
+    after layers 0 and 1 Qwen3-VL adds the deepstack features at the vision positions."""
+    from qapframe.quantizers.calibration import calibrate_sequential
+
+    model = tiny_qwen3_vl(deepstack=(0, 1))
+    layers = model.model.language_model.layers
+    real: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def record(i):
+        def hook(module, args, kwargs):
+            real[i].append((args[0] if args else kwargs["hidden_states"]).clone())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for sample in calibration:
+        model(**sample)
+    for handle in handles:
+        handle.remove()
+
+    replayed: list[list[torch.Tensor]] = []
+
+    def process(data, modules):  # leaves every weight as it is: only what each block is fed is checked
+        replayed.append([(inp.args[0] if inp.args else inp.kwargs["hidden_states"]) for inp in data.inputs])
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".language_model." in n}
+    calibrate_sequential(model, linears, calibration, wrap=lambda linear: linear, process=process)
+    assert len(replayed) == len(layers)
+    for i in range(len(layers)):
+        for got, want in zip(replayed[i], real[i]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # -- `qapframe run` end to end ---------------------------------------------------------------------------------
 def _save_tiny_qwen2_5_vl_with_processor(directory) -> None:
     """The toy's word-level tokenizer (its ``<image>`` is the placeholder) and a Qwen2-VL image processor:
