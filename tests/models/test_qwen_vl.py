@@ -409,6 +409,50 @@ def test_layerwise_calibration_sees_the_m_rope_position_embeddings(calibration):
     assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin) and not torch.equal(cos, flat_cos)
 
 
+def _m_rope_positions(model, inputs, extra_ids=None):
+    """The unpruned prompt's 3-D positions ``[3, B, L + T]`` (generated tokens: text continuing after it)."""
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    if extra_ids is not None:
+        ids, mask = torch.cat([ids, extra_ids], 1), torch.cat([mask, torch.ones_like(extra_ids)], 1)
+        types = torch.cat([types, torch.zeros_like(extra_ids)], 1)
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=inputs["image_grid_thw"],
+                                              attention_mask=mask)
+    return positions
+
+
+IN_LLM_CASES = [("qwen2_vl", "fastv"), ("qwen2_5_vl", "fastv"), ("qwen2_5_vl", "dart"),
+                ("qwen2_5_vl", "pyramiddrop"), ("qwen3_vl", "fastv")]
+
+
+@pytest.mark.parametrize("name, method", IN_LLM_CASES)
+def test_in_llm_pruning_keeps_the_3d_positions(models, inputs, name, method):
+    """In-LLM pruning under real M-RoPE (left padding, different prompt lengths and grids): prefill logits equal
+    the unmodified model's later layers recomputed on the kept tokens at their original 3-D positions, and
+    cached `generate` matches that reference token for token."""
+    from tests.models.test_strategies_on_adapters import install, remove, staged_reference
+
+    model = models[name]
+    install(model, method, 0.25)
+    try:
+        logits = model(**inputs).logits
+        state = model.qapframe_last_selection["state"]
+        layers = list(model.qapframe_installation.inllm.layers)
+        tokens = gen(model, inputs)
+        generate_state = model.qapframe_last_selection["state"]
+    finally:
+        remove(model)
+    rest = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    expected, kept = staged_reference(model, rest, state, layers, positions=_m_rope_positions(model, inputs))
+    assert (logits[kept] - expected[kept]).abs().max() <= 1e-4
+    assert int(state.stages[-1].kept_mask.sum()) < int(inputs["attention_mask"].sum())
+    new = tokens[:, inputs["input_ids"].shape[1]:]
+    for step in range(NEW):
+        extra = new[:, :step]
+        step_logits, _ = staged_reference(model, rest, generate_state, layers, extra,
+                                          positions=_m_rope_positions(model, inputs, extra))
+        assert torch.equal(step_logits[:, -1].argmax(-1), new[:, step])
+
+
 def test_layerwise_calibration_replays_qwen3_vl_deepstack_between_layers(calibration):
     """Each block gets, during block-by-block calibration, exactly what the model's own forward gives it:
     after layers 0 and 1 Qwen3-VL adds the deepstack features at the vision positions."""

@@ -171,9 +171,10 @@ def test_batch_equals_single_runs(adapter, method):
         remove(model)
 
 
-def staged_reference(model, inputs, state, layers, extra_ids=None, generate_positions=False):
+def staged_reference(model, inputs, state, layers, extra_ids=None, generate_positions=False, positions=None):
     """Logits of the unmodified model run layer by layer: dense up to the first ranking layer, then each
-    stage's layers on that stage's kept prompt tokens (plus every token in ``extra_ids [B, T]``)."""
+    stage's layers on that stage's kept prompt tokens (plus every token in ``extra_ids [B, T]``), at their
+    original positions: ``positions [B, L + T]`` or M-RoPE's ``[3, B, L + T]`` when given, else 1-D ones."""
     lm = model.model.language_model
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     length = ids.shape[1]
@@ -181,7 +182,8 @@ def staged_reference(model, inputs, state, layers, extra_ids=None, generate_posi
         ids = torch.cat([ids, extra_ids], 1)
         mask = torch.cat([mask, torch.ones_like(extra_ids)], 1)
     # generate numbers positions from the mask; a plain forward uses 0..L-1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0) if generate_positions else torch.arange(ids.shape[1]).expand_as(ids)
+    if positions is None:
+        positions = (mask.cumsum(-1) - 1).clamp_min(0) if generate_positions else torch.arange(ids.shape[1]).expand_as(ids)
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, **rest).hidden_states
     h_full = hidden[layers[0] + 1]  # [B, L + T, D] output of the first ranking layer (causal: prompt part unchanged)
@@ -197,7 +199,7 @@ def staged_reference(model, inputs, state, layers, extra_ids=None, generate_posi
         else:  # this stage's tokens within the previous stage's sequence (its padding slots match nothing)
             local = torch.stack([(previous[r][:, None] == index[r][None]).float().argmax(0) for r in range(b)])
             h = h.gather(1, local[..., None].expand(-1, -1, h.shape[-1]))
-        pos = positions.gather(1, index)
+        pos = positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape))
         cos, sin = lm.rotary_emb(h, position_ids=pos)
         n = h.shape[1]
         allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & kept[:, None, :]
