@@ -15,6 +15,7 @@ drops numba's per-element zero-division check, which would otherwise block vecto
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def numba_cache_dir() -> Path:
 if not os.environ.get("NUMBA_CACHE_DIR"):
     os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -268,8 +270,29 @@ def _run(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, fuse: boo
     spread = torch.empty(b, n, dtype=torch.float32)
     score = torch.empty(b, n if fuse else 0, dtype=torch.float32)
     if b * n:
-        _kernel(raw, fmt, group, bits, symmetric, fuse, error.numpy(), spread.numpy(), score.numpy())
+        with _torch_threads_kept():
+            _kernel(raw, fmt, group, bits, symmetric, fuse, error.numpy(), spread.numpy(), score.numpy())
     return error, spread, score
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """The kernel runs on torch's intra-op thread count, and torch keeps it afterwards.
+
+    numba's OpenMP threading layer sets the process's OpenMP thread count to numba's own (every core) when
+    it first runs: torch, which shares that OpenMP runtime, would then run every later matmul on more
+    threads than the user chose (``OMP_NUM_THREADS``, ``torch.set_num_threads``), and logits would change
+    in their last bits between the first call and the next.
+    """
+    threads = torch.get_num_threads()
+    numba_threads = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(numba_threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def hybrid_sensitivity_cpu(
