@@ -184,7 +184,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qapframe.deploy.command import export_spec
 
     out = export_spec(args.spec, args.out, key=args.key, overwrite=args.overwrite,
-                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                      max_shard_bytes=int(args.max_shard_gb * 1024**3), dtype=args.dtype)
     print(f"{args.spec}: exported to {out}")
     return 0
 
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is complete")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="write every floating tensor (vision tower, projector, lm_head, scales) in this dtype "
+                        "(default: as the model is)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from qapframe.deploy.manifest import build_manifest, write_manifest
@@ -144,27 +145,55 @@ def _copy_processor_files(source: Path, directory: Path) -> list[str]:
     return copied
 
 
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _export_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in EXPORT_DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype in EXPORT_DTYPES:
+        return getattr(torch, dtype)
+    raise ExportError(f"export: dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or None: as the model is)")
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating tensors in ``dtype`` (integer codes, zero points and shapes as they are)."""
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 def export(model: nn.Module, out: str | Path, *, processor: Any = None, source: str | Path | None = None,
-           overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+           overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+           dtype: str | torch.dtype | None = None) -> Path:
     """Write ``model`` (quantized by qapframe) to ``out`` as a compressed-tensors checkpoint; returns ``out``.
+
+    ``dtype`` (``float16``, ``bfloat16``, ``float32``) is what every floating tensor is written in, and what
+    ``config.json`` tells loaders to build: the unquantized modules (vision tower, projector, ``lm_head``,
+    embeddings, norms) and the quantization scales; None writes each tensor in the dtype it has.
 
     ``processor`` (anything with ``save_pretrained``) is saved beside it; without one, processor and tokenizer
     files are copied from ``source`` or the directory the model was loaded from. Refuses (`ExportError`) an
     unquantized model, a setting the format cannot express, or a non-empty ``out`` unless ``overwrite``.
     """
     modules, schemes, fp_linears = _check_exportable(model)  # every refusal before anything is written
+    cast = _export_dtype(dtype)
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         config.quantization_config = quantization_config(schemes, fp_linears)
+        if cast is not None:
+            for part in (config, *(getattr(config, f"{k}_config", None) for k in ("text", "vision"))):
+                if part is not None:
+                    part.dtype = str(cast).removeprefix("torch.")
         config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
         for tensors in _module_state(model, modules, schemes):
-            writer.add(tensors)
+            writer.add(_cast(tensors, cast))
         writer.close()
         if processor is not None:
             processor.save_pretrained(tmp)
@@ -176,4 +205,4 @@ def export(model: nn.Module, out: str | Path, *, processor: Any = None, source: 
     return out
 
 
-__all__ = ["DEFAULT_SHARD_BYTES", "PROCESSOR_FILES", "export", "quantization_config"]
+__all__ = ["DEFAULT_SHARD_BYTES", "EXPORT_DTYPES", "PROCESSOR_FILES", "export", "quantization_config"]

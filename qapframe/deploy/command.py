@@ -54,7 +54,7 @@ def resolve(spec_or_run: str, key: str | None = None):
 
 
 def export_spec(spec_or_run: str, out: str | Path, *, key: str | None = None, overwrite: bool = False,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None) -> Path:
     """Quantize (and install pruning in) the model of ``spec_or_run`` and export it to ``out``."""
     import torch
 
@@ -73,7 +73,7 @@ def export_spec(spec_or_run: str, out: str | Path, *, key: str | None = None, ov
     with torch.no_grad():
         model = pipeline.apply(model, calibration)
     return export(model, out, processor=source.processor, source=resolve_model_path(spec.model), overwrite=overwrite,
-                  max_shard_bytes=max_shard_bytes)
+                  max_shard_bytes=max_shard_bytes, dtype=dtype)
 
 
 __all__ = ["export_spec", "resolve"]

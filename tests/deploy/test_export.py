@@ -132,6 +132,40 @@ def test_sharded_export_loads_in_plain_transformers(tmp_path, w4_model):
         assert torch.equal(loaded(**inputs).logits, reference)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_export_writes_every_floating_tensor_in_it(tmp_path, w4_model, dtype):
+    """Vision tower, projector, lm_head and scales in fp16/bf16; plain transformers builds the model in that dtype
+    and its logits follow the float32 fake-quantized model to half precision."""
+    from safetensors import safe_open
+
+    out = qapframe.export(w4_model, tmp_path / dtype, dtype=dtype)
+    want = getattr(torch, dtype)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    floating = {k for k, v in tensors.items() if v.is_floating_point()}
+    assert all(tensors[k].dtype == want for k in floating)
+    assert any(k.startswith("model.vision_tower.") for k in floating) and "lm_head.weight" in floating
+    assert tensors["model.language_model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.int32
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+    inputs = llava_inputs(1, seed=3)
+    with torch.no_grad():
+        reference = w4_model(**inputs).logits
+    half = {k: v.to(want) if v.is_floating_point() else v for k, v in inputs.items()}
+    plain = read_with_plain_transformers("AutoModelForImageTextToText", {"h": out}, half, tmp_path)["h"]
+    assert plain.dtype == want
+    assert float((plain.float() - reference).norm() / reference.norm()) <= 2e-2
+    loaded = qapframe.load(out)  # qapframe's own reading of the directory: the same half-precision model
+    with torch.no_grad():
+        mine = loaded(**half).logits
+    assert mine.dtype == want and float((mine.float() - plain.float()).norm() / plain.float().norm()) <= 1e-2
+
+
+def test_unknown_export_dtype_is_refused(tmp_path, w4_model):
+    with pytest.raises(ExportError, match=r"dtype 'int8' is not one of float16, bfloat16, float32"):
+        qapframe.export(w4_model, tmp_path / "x", dtype="int8")
+    assert not (tmp_path / "x").exists()
+
+
 def test_load_restores_quantization_and_pruning(tmp_path):
     calibration = [llava_inputs(1, seed=i) for i in range(2)]
     pipeline = qapframe.Pipeline(
