@@ -2,11 +2,13 @@
 
 Each (model, variant) runs in its own subprocess so that one's memory never counts for another. Per variant:
 
-* ``disk_bytes``: the saved directory's safetensors (``save_pretrained`` for fp, `qapframe.export` for quantized);
+* ``disk_bytes``: the saved directory's safetensors (``save_pretrained`` for fp, `qapframe.export` for quantized,
+  with ``dtype=float16``: what stays unquantized is written in fp16, as deployed);
   ``linear_disk_bytes``: the part of it that belongs to the Linears qapframe quantizes (the same Linears in
   every variant: LLM projections, not lm_head / vision tower / projector).
 * then a fresh process reads that directory (fp: ``from_pretrained``; quantized: `qapframe.load`, which holds
-  packed codes): ``tensor_bytes``, the model's parameters and buffers (shared tensors once); ``resident_mib``,
+  packed codes) once and runs a forward, to import every module and compile every kernel the path needs, frees
+  that model, and reads it again, measured against the RSS between the two: ``tensor_bytes``, the model's parameters and buffers (shared tensors once); ``resident_mib``,
   RSS after loading (after ``gc`` and ``malloc_trim``) minus RSS before it (libraries already imported; for fp
   models this undercounts: transformers memory-maps safetensors, and pages count once touched);
   ``resident_after_forward_mib``, the same after one forward, when every weight has been touched: the number
@@ -113,7 +115,7 @@ def build(model_name: str, variant: str, directory: Path) -> dict:
         disk, _ = _disk(directory, set())
     else:
         model = qapframe.quantize(model, VARIANTS[variant])
-        qapframe.export(model, directory)
+        qapframe.export(model, directory, dtype="float16")
         disk, linear_bytes = _disk(directory, linears)  # export names tensors by module name
     return {"disk_bytes": disk, "linear_disk_bytes": linear_bytes}
 
@@ -132,24 +134,32 @@ def serve(model_name: str, variant: str, directory: Path) -> dict:
     import compressed_tensors  # noqa: F401  (imported before the baseline: a library, not the model)
     import qapframe
 
+    def load():
+        if VARIANTS[variant] is None:
+            return _model_class(model_name).from_pretrained(directory).eval()
+        return qapframe.load(directory)
+
+    def forward(model):
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.randint(4, min(vocab, 1000), (1, 64), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    warm = load()  # modules imported and kernels compiled on first use belong to the process, not the model
+    forward(warm)
+    del warm
     _settle()
     base = _status_kib("VmRSS")
     _reset_peak()
-    if VARIANTS[variant] is None:
-        model = _model_class(model_name).from_pretrained(directory).eval()
-    else:
-        model = qapframe.load(directory)
+    model = load()
     load_peak = (_status_kib("VmHWM") - base) / 1024
     _settle()
     row = {"tensor_bytes": _tensor_bytes(model), "resident_mib": (_status_kib("VmRSS") - base) / 1024,
            "load_peak_mib": load_peak}
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(4, min(vocab, 1000), (1, 64), generator=torch.Generator().manual_seed(0))
     _settle()
     _reset_peak()
     start = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=ids)
+    forward(model)
     row["forward_s"] = time.perf_counter() - start
     row["forward_peak_mib"] = (_status_kib("VmHWM") - base) / 1024
     _settle()
