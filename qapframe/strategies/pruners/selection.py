@@ -8,7 +8,9 @@
   uses it; for a metric distance it is a 2-approximation (Ravi, Rosenkrantz & Tayi, 1994).
 - `cosine_similarity_matrix`: ``[B, N, D] -> [B, N, N]``.
 
-All run batched over images, compute in at least float32, and break ties toward the earlier token.
+All run batched over images, compute in at least float32, and break ties toward the earlier token. On CPU
+the two greedy loops run as numba kernels (`qapframe.kernels.selection_cpu`: the same rules, compiled; the
+batched torch steps here are the reference and the GPU path).
 """
 
 from __future__ import annotations
@@ -27,6 +29,24 @@ def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_dpp_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """`greedy_dpp_map_torch`, as a numba kernel for CPU tensors."""
+    if kernel.device.type == "cpu":
+        from qapframe.kernels.selection_cpu import greedy_dpp_map_cpu
+
+        return greedy_dpp_map_cpu(kernel, k, fallback, eps)
+    return greedy_dpp_map_torch(kernel, k, fallback, eps)
+
+
+def greedy_max_min(distance: torch.Tensor, k: int) -> torch.Tensor:
+    """`greedy_max_min_torch`, as a numba kernel for CPU tensors."""
+    if distance.device.type == "cpu":
+        from qapframe.kernels.selection_cpu import greedy_max_min_cpu
+
+        return greedy_max_min_cpu(distance, k)
+    return greedy_max_min_torch(distance, k)
+
+
+def greedy_dpp_map_torch(kernel: torch.Tensor, k: int, fallback: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Greedy MAP of a DPP: ``kernel [B, N, N]`` (PSD) -> ``[B, k]`` picked indices, in pick order.
 
     Each step adds the token with the largest marginal gain ``d_j^2 = L_jj - ||c_j||^2`` (the squared
@@ -59,7 +79,7 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor, eps: fl
     return picks.transpose(0, 1)  # [B, k]
 
 
-def greedy_max_min(distance: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_max_min_torch(distance: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max-min diversity: ``distance [B, N, N]`` -> ``[B, k]`` picked indices, in pick order.
 
     The first pick is the token whose nearest other token is farthest away; each next pick is the

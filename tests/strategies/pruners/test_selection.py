@@ -88,3 +88,46 @@ def test_greedy_max_min_matches_the_direct_loop_and_is_a_2_approximation(seed, n
 
     best = max(spread(s) for s in itertools.combinations(range(n), k))
     assert spread(picks) >= best / 2 - 1e-9
+
+
+# -- the numba CPU kernels against the batched torch steps ------------------------------------------------------
+from qapframe.strategies.pruners.selection import greedy_dpp_map_torch, greedy_max_min_torch  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), n=st.integers(1, 40), d=st.integers(2, 16),
+       dtype=st.sampled_from([torch.float32, torch.float64]), duplicates=st.booleans(), data=st.data())
+def test_numba_max_min_picks_what_the_torch_steps_pick(seed, b, n, d, dtype, duplicates, data):
+    """Only comparisons and minima: identical picks, exact ties (duplicated tokens) included."""
+    k = data.draw(st.integers(1, n))
+    x = torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    if duplicates and n > 2:
+        x[:, n // 2] = x[:, 0]
+    distance = 1.0 - cosine_similarity_matrix(x)
+    assert torch.equal(greedy_max_min(distance, k), greedy_max_min_torch(distance, k))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), n=st.integers(1, 40), d=st.integers(2, 48),
+       data=st.data())
+def test_numba_dpp_map_picks_what_the_torch_steps_pick(seed, b, n, d, data):
+    """float64 (sums in another order move gains by ~1e-16), past the rank too, where the fallback decides."""
+    k = data.draw(st.integers(1, n))
+    kernel = psd_kernel(seed, b, n, d)
+    fallback = torch.rand(b, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    assert torch.equal(greedy_dpp_map(kernel, k, fallback), greedy_dpp_map_torch(kernel, k, fallback))
+
+
+def test_numba_dpp_map_in_float32_keeps_the_torch_picks_on_cdpruners_shapes():
+    """576 tokens of an LLaVA image, half kept: the float32 kernel's picks are the torch steps' picks.
+
+    The tokens are wider than they are many (as LLaVA's 4096 > 576), so the kernel has full rank: past its
+    rank the float32 gains are rounding noise above ``eps`` and either version's picks would be arbitrary."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 576, 640, generator=g)
+    relevance = torch.rand(2, 576, generator=g)
+    similarity = cosine_similarity_matrix(x)
+    kernel = relevance[:, :, None] * similarity * relevance[:, None, :]
+    numba_picks, torch_picks = greedy_dpp_map(kernel, 288, relevance), greedy_dpp_map_torch(kernel, 288, relevance)
+    agree = (numba_picks == torch_picks).float().mean().item()
+    assert agree == 1.0, f"{agree:.3f} of picks agree"
