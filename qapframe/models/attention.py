@@ -133,19 +133,29 @@ def received_attention_and_keys(capture: ProjectionCapture) -> tuple[torch.Tenso
 
 
 def packed_received_attention(
-    query: torch.Tensor, keys: torch.Tensor, scaling: float, cu_seqlens: torch.Tensor, chunk: int = 1024
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, cu_seqlens: torch.Tensor, chunk: int = 256
 ) -> torch.Tensor:
     """Bidirectional attention within each packed segment (``cu_seqlens [G + 1]``, e.g. Qwen's frames) of
     ``query``/``keys [S, H, Dh]`` -> ``[S]`` float32: the attention each token receives, mean over heads and
     over its segment's queries (each segment sums to 1). Queries run in chunks, so memory is
-    ``H * chunk * S_g`` floats, not ``H * S_g^2``."""
+    ``H * chunk * S_g`` floats, not ``H * S_g^2``.
+
+    The probabilities are never formed: with ``e = exp(l - max_k l)`` per query row and ``z`` its row sum,
+    what key ``k`` receives is ``sum_q e_qk / z_q``, one matrix-vector product per head (the same sum as
+    ``softmax(l).sum(q)``, in another order). It costs O(S_g^2) per segment: all of its queries count."""
     out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
     bounds = cu_seqlens.tolist()
+    heads, kv_heads = query.shape[1], keys.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
     for start, end in zip(bounds[:-1], bounds[1:]):
-        k = keys[start:end].transpose(0, 1)[None]  # [1, H, S_g, Dh]
+        k = keys[start:end].float().transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)  # [H, S_g, Dh]
         total = torch.zeros(end - start, dtype=torch.float32, device=query.device)
         for q0 in range(start, end, chunk):
-            q = query[q0 : min(q0 + chunk, end)].transpose(0, 1)[None]  # [1, H, c, Dh]
-            total += attention_probs(q, k, scaling)[0].sum(dim=(0, 1))
-        out[start:end] = total / (query.shape[1] * (end - start))
+            q = query[q0 : min(q0 + chunk, end)].float().transpose(0, 1) * scaling  # [H, c, Dh]
+            logits = torch.bmm(q, k.transpose(1, 2))  # [H, c, S_g]
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            inverse = logits.sum(dim=-1, keepdim=True).reciprocal_()  # [H, c, 1] = 1 / z_q
+            total += torch.bmm(inverse.transpose(1, 2), logits).sum(dim=(0, 1))  # sum_h sum_q e_qk / z_q
+        out[start:end] = total / (heads * (end - start))
     return out
