@@ -125,9 +125,13 @@ class QapframeLMMS(lmms):
         parsed = load_spec(resolve_spec_path(spec))
         self.configuration = select_configuration(parsed, None if run in (None, "") else int(run))
         self.seed = self.configuration.evaluation.seeds[0] if seed in (None, "") else int(seed)
-        self.batch_size_per_request = int(batch_size)
+        try:
+            self.batch_size_per_request = int(batch_size)
+        except ValueError:
+            raise QapframeError(f"--batch_size: qapframe's model takes a number of requests per batch, got "
+                                f"{batch_size!r} (lmms-eval's 'auto' sizing is not supported)") from None
         if self.batch_size_per_request < 1:
-            raise QapframeError(f"batch_size: must be >= 1, got {batch_size}")
+            raise QapframeError(f"--batch_size: must be >= 1, got {batch_size}")
         cfg = self.configuration
         seed_everything(self.seed)
         source = ModelSource(cfg.model, device=device or None)

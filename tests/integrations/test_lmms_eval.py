@@ -209,6 +209,8 @@ def test_bad_model_args_say_what_is_valid(tmp_path):
     assert select_configuration(parsed, 1).quantizer.name == "rtn"
     with pytest.raises(QapframeError, match="unknown argument.*pretrained"):
         QapframeLMMS(spec=str(spec), run=0, pretrained="x")
+    with pytest.raises(QapframeError, match="'auto' sizing is not supported"):
+        QapframeLMMS(spec=str(spec), run=0, batch_size="auto")
 
 
 def test_lmms_eval_cli_evaluates_a_spec_offline(tmp_path):
