@@ -102,6 +102,20 @@ def llava_inputs(batch_size: int = 1, prompt_lengths: list[int] | None = None, s
     return {**left_padded(rows), "pixel_values": pixel_values}
 
 
+def _anyres_images(model, image_sizes: list[tuple[int, int]], generator):
+    """Random 32-px crops for LLaVA-NeXT/OneVision's anyres packing of images of ``image_sizes`` (H, W):
+    ``pixel_values [B, max crops, 3, 32, 32]``, ``image_sizes [B, 2]`` and each image's packed token count."""
+    from qapframe.transformers_internals import image_size_to_num_patches
+
+    config = model.config
+    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size) for s in image_sizes]
+    pixel_values = torch.randn(len(image_sizes), max(crops), 3, 32, 32, generator=generator)
+    sizes = torch.tensor(image_sizes)
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    return pixel_values, sizes, counts
+
+
 def llava_next_inputs(
     model: LlavaNextForConditionalGeneration,
     image_sizes: list[tuple[int, int]],
@@ -112,15 +126,8 @@ def llava_next_inputs(
 
     ``image_sizes`` (H, W) pick the anyres grid, so rows get different numbers of image tokens.
     """
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
     generator = torch.Generator().manual_seed(seed)
-    config = model.config
-    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size) for s in image_sizes]
-    pixel_values = torch.randn(len(image_sizes), max(crops), 3, 32, 32, generator=generator)
-    sizes = torch.tensor(image_sizes)
-    with torch.no_grad():
-        lengths = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    pixel_values, sizes, lengths = _anyres_images(model, image_sizes, generator)
     rows = []
     for n, length in zip(lengths, prompt_lengths or [6] * len(image_sizes)):
         before = torch.randint(4, VOCAB_SIZE, (2,), generator=generator).tolist()
@@ -178,15 +185,8 @@ def _placeholder_prompts(counts: list[int], token_id: int, prompt_lengths: list[
 def llava_onevision_inputs(model, image_sizes: list[tuple[int, int]], prompt_lengths: list[int] | None = None,
                            seed: int = 0) -> dict[str, torch.Tensor]:
     """Left-padded prompts with one image each for `tiny_llava_onevision`; sizes (H, W) pick the crop grid."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
     generator = torch.Generator().manual_seed(seed)
-    config = model.config
-    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size) for s in image_sizes]
-    pixel_values = torch.randn(len(image_sizes), max(crops), 3, 32, 32, generator=generator)
-    sizes = torch.tensor(image_sizes)
-    with torch.no_grad():
-        counts = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    pixel_values, sizes, counts = _anyres_images(model, image_sizes, generator)
     prompts = _placeholder_prompts(counts, IMAGE_TOKEN_ID, prompt_lengths or [6] * len(image_sizes), generator)
     return {**prompts, "pixel_values": pixel_values, "image_sizes": sizes}
 

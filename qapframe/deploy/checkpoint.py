@@ -149,10 +149,11 @@ EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _export_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in EXPORT_DTYPES:
-        return dtype
-    if isinstance(dtype, str) and dtype in EXPORT_DTYPES:
-        return getattr(torch, dtype)
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")  # a torch dtype or its name
+    if name in EXPORT_DTYPES:
+        return getattr(torch, name)
     raise ExportError(f"export: dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or None: as the model is)")
 
 

@@ -170,12 +170,13 @@ class QapframeLMMS(lmms):
             texts = [t + s for t, s in zip(texts, suffixes)]
         return processor_inputs(self.processor, texts, images, self.model)
 
-    def _kept(self, kind: str, inputs: dict) -> list[float]:
+    def _kept(self, kind: str, inputs: dict) -> tuple[list[float], list[int]]:
+        """Vision tokens the LLM kept and the prompt's dense count, per row (logged and tallied under ``kind``)."""
         kept = retained_tokens(self.model, inputs["input_ids"])
-        dense = vision_placeholders(self.model, inputs["input_ids"]).sum(dim=1).tolist()
+        dense = [int(n) for n in vision_placeholders(self.model, inputs["input_ids"]).sum(dim=1).tolist()]
         self.kept_tokens[kind] += kept
         logger.info(f"qapframe: vision tokens kept {kept} of {dense}")
-        return kept
+        return kept, dense
 
     def _report(self, kind: str) -> None:
         counts = self.kept_tokens[kind]
@@ -215,14 +216,13 @@ class QapframeLMMS(lmms):
             self._reset_selection()
             with torch.no_grad():
                 generated = self.model.generate(**inputs, **options)
-            kept = self._kept("generate_until", inputs)
+            kept, dense = self._kept("generate_until", inputs)
             new_tokens = generated[:, inputs["input_ids"].shape[1]:]  # [B, T_new]
             texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            dense = vision_placeholders(self.model, inputs["input_ids"]).sum(dim=1)  # [B]
             for row, (context, text) in enumerate(zip(contexts, texts)):
                 text = _cut_at(text, until).strip()
                 # The LLM's input: the prompt's tokens with the pruned vision tokens left out.
-                llm_input = int(inputs["attention_mask"][row].sum() - dense[row]) + int(kept[row])
+                llm_input = int(inputs["attention_mask"][row].sum()) - dense[row] + int(kept[row])
                 counts = TokenCounts(input_tokens=llm_input, output_tokens=_generated_length(new_tokens[row],
                                                                                            self.tokenizer))
                 answers.append(GenerationResult(text=text, token_counts=counts))

@@ -270,13 +270,13 @@ def _run(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, fuse: boo
     spread = torch.empty(b, n, dtype=torch.float32)
     score = torch.empty(b, n if fuse else 0, dtype=torch.float32)
     if b * n:
-        with _torch_threads_kept():
+        with torch_threads_kept():
             _kernel(raw, fmt, group, bits, symmetric, fuse, error.numpy(), spread.numpy(), score.numpy())
     return error, spread, score
 
 
 @contextlib.contextmanager
-def _torch_threads_kept():
+def torch_threads_kept():
     """The kernel runs on torch's intra-op thread count, and torch keeps it afterwards.
 
     numba's OpenMP threading layer sets the process's OpenMP thread count to numba's own (every core) when
@@ -310,4 +310,4 @@ def sensitivity_score_cpu(
     return _run(x, bits, group_size, symmetric, fuse=True)
 
 
-__all__ = ["hybrid_sensitivity_cpu", "numba_cache_dir", "sensitivity_score_cpu"]
+__all__ = ["hybrid_sensitivity_cpu", "numba_cache_dir", "sensitivity_score_cpu", "torch_threads_kept"]

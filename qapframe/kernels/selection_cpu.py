@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 # qapframe.kernels.cpu sets numba's cache directory before numba compiles anything: import it first.
-from qapframe.kernels.cpu import _torch_threads_kept
+from qapframe.kernels.cpu import torch_threads_kept
 
 from numba import njit, prange  # noqa: E402
 
@@ -96,7 +96,7 @@ def greedy_dpp_map_cpu(kernel: torch.Tensor, k: int, fallback: torch.Tensor, eps
     fallback = fallback.detach().to(kernel.dtype).contiguous()
     picks = torch.empty(kernel.shape[0], k, dtype=torch.int64)
     if k and kernel.shape[0]:
-        with _torch_threads_kept():
+        with torch_threads_kept():
             _dpp_map(kernel.numpy(), k, fallback.numpy(), kernel.new_tensor([eps]).numpy(), picks.numpy())
     return picks
 
@@ -106,7 +106,7 @@ def greedy_max_min_cpu(distance: torch.Tensor, k: int) -> torch.Tensor:
     distance = distance.detach().contiguous()
     picks = torch.empty(distance.shape[0], k, dtype=torch.int64)
     if k and distance.shape[0]:
-        with _torch_threads_kept():
+        with torch_threads_kept():
             _max_min(distance.numpy(), k, picks.numpy())
     return picks
 
