@@ -1,19 +1,25 @@
 """AWQ (Lin et al., MLSys 2024): protect salient weight channels by scaling them up before quantization.
 
 For each group of Linears sharing an input, ``s = mean|x|^a`` (normalised to geometric mean 1), with
-``a`` chosen on a grid over [0, 1] to minimise the error of the *block output* when the group's weights
-are ``Q(W s) / s`` (everything else fp). The chosen scale is folded upstream (see `scaling`). Optional
-clipping search then shrinks each weight group's range where that lowers the Linear's output error.
+``a`` chosen on a grid over [0, 1] to minimise the error of the output of the smallest module holding the
+group (as the paper's code does: the attention module for q/k/v, the MLP for gate/up, the Linear itself
+for o_proj and down_proj) when the group's weights are ``Q(W s) / s`` (everything else fp). Each grid
+point then re-runs only that module on its recorded inputs, not the whole block (on SmolLM2, 3x fewer
+FLOPs). The chosen scale is folded upstream (see `scaling`). Optional clipping search then shrinks each
+weight group's range where that lowers the Linear's output error.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Callable
 
 import torch
 from pydantic import Field
 
 from qapframe.distributed import all_reduce_sum
 from qapframe.quantizers.base import QUANTIZERS
-from qapframe.quantizers.calibration import BlockData
+from qapframe.quantizers.calibration import BlockData, first_tensor
 from qapframe.quantizers.config import WeightSpec
 from qapframe.quant_grid import dequantize, qparams, quantize
 from qapframe.quantizers.fake_quant import QuantizedLinear, dequantize_weight, quantize_weight_rtn
@@ -77,6 +83,41 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec, grid: i
     return torch.clamp(wg, -best_max, best_max).reshape(out_f, in_f)
 
 
+def inspected_module(group: list[str]) -> str:
+    """The smallest module holding every Linear of ``group`` (names relative to the block; "" = the block)."""
+    common: list[str] = []
+    for parts in zip(*(name.split(".") for name in group)):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+class ModuleCalls:
+    """Records every call of ``module`` (args, kwargs, main output) while active; the search replays them."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.calls: list[tuple[tuple, dict]] = []
+        self.outputs: list[torch.Tensor] = []
+        self._handle = None
+
+    def __enter__(self) -> "ModuleCalls":
+        def hook(module, args, kwargs, output):
+            self.calls.append((args, kwargs))
+            self.outputs.append(first_tensor(output))
+
+        self._handle = self.module.register_forward_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    @torch.no_grad()
+    def replay(self) -> list[torch.Tensor]:
+        return [first_tensor(self.module(*args, **kwargs)) for args, kwargs in self.calls]
+
+
 def _mse(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     """Summed squared error over every rank's outputs (ranks must pick the same exponent)."""
     local = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(outputs, reference))
@@ -110,8 +151,14 @@ class AWQ(LayerwiseQuantizer):
             counts[name] += x.shape[0]
             tokens[name].append(x.float())
 
-        with data.observe(leaders, record):
+        inspected = {group[0]: inspected_module(group) for group in groups}
+        recorders = {n: ModuleCalls(data.module.get_submodule(m)) for n, m in inspected.items() if m}
+        with data.observe(leaders, record), contextlib.ExitStack() as stack:
+            for recorder in recorders.values():
+                stack.enter_context(recorder)
             reference = data.forward(limit=cfg.search_samples)
+        # Replay only where the module ran once per input (a module re-entered per token would not replay).
+        recorders = {n: r for n, r in recorders.items() if len(r.calls) == len(reference)}
         if cfg.search_samples is not None and len(data.inputs) > cfg.search_samples:
             with data.observe(leaders, record):  # the rest of the inputs only feed the statistics
                 BlockData(data.module, data.inputs[cfg.search_samples:]).forward()
@@ -121,7 +168,10 @@ class AWQ(LayerwiseQuantizer):
         scales: dict[str, torch.Tensor] = {}
         for group in groups:
             act_mean = (sums[group[0]] / max(counts[group[0]], 1)).float().to(modules[group[0]].weight.device)
-            s = self._search(data, modules, group, act_mean, reference)
+            recorder = recorders.get(group[0])
+            s = self._search(modules, group, act_mean,
+                             recorder.replay if recorder else lambda: data.forward(limit=len(reference)),
+                             recorder.outputs if recorder else reference)
             if s is not None and apply_scales(data, modules, group, s, cfg.unfused_scales, reference[:1]) != "skipped":
                 scales.update(dict.fromkeys(group, s))
         if cfg.clip:
@@ -137,9 +187,12 @@ class AWQ(LayerwiseQuantizer):
                     m.weight = clip_search(m.weight, xs, cfg.weight_spec, cfg.clip_grid, cfg.clip_max_shrink).to(m.weight.dtype)
         quantize_weights(data, modules, cfg)
 
-    def _search(self, data: BlockData, modules: dict[str, QuantizedLinear], group: list[str],
-                act_mean: torch.Tensor, reference: list[torch.Tensor]) -> torch.Tensor | None:
-        """Best ``s [I]`` over the exponent grid, or None when no scaling (a = 0) is best."""
+    def _search(self, modules: dict[str, QuantizedLinear], group: list[str], act_mean: torch.Tensor,
+                run: Callable[[], list[torch.Tensor]], reference: list[torch.Tensor]) -> torch.Tensor | None:
+        """Best ``s [I]`` over the exponent grid, or None when no scaling (a = 0) is best.
+
+        ``run()`` recomputes the inspected module's outputs, compared with its fp ``reference`` outputs.
+        """
         cfg = self.config
         original = {n: modules[n].weight for n in group}
         best_err, best = float("inf"), None
@@ -149,7 +202,7 @@ class AWQ(LayerwiseQuantizer):
             for n in group:
                 w = original[n]
                 modules[n].weight = (fake_rtn(w.float() * s, cfg.weight_spec) / s).to(w.dtype)
-            err = _mse(data.forward(limit=len(reference)), reference)
+            err = _mse(run(), reference)
             if err < best_err:
                 best_err, best = err, (None if k == 0 else s)
         for n in group:
@@ -157,4 +210,4 @@ class AWQ(LayerwiseQuantizer):
         return best
 
 
-__all__ = ["AWQ", "AWQConfig", "awq_scales", "clip_search", "fake_rtn"]
+__all__ = ["AWQ", "AWQConfig", "ModuleCalls", "awq_scales", "clip_search", "fake_rtn", "inspected_module"]

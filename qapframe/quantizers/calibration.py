@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from qapframe.quantizers.fake_quant import holding_weights
 from qapframe.quantizers.targets import set_module
 
 log = logging.getLogger("qapframe.quantizers")
@@ -32,6 +33,98 @@ class BlockInput:
     mask: torch.Tensor | None = None
     # f(i, hidden) -> hidden: what the blocks' parent adds after block i (see transformers_internals.between_layers)
     between: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    # A coalesced batch (`coalesce`): rows of the hidden states per original input, in order; None = one input.
+    rows: tuple[int, ...] | None = None
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+
+BATCH_TOKENS = 16384  # most tokens one coalesced calibration forward carries (activation memory bound)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal call context: tensors equal in shape, dtype and values; containers item by item."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and (a is b or torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys()
+                and all(_same(a[k], b[k]) for k in a))
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str)) and a == b)
+
+
+def _context(inp: BlockInput) -> tuple[tuple, dict]:
+    """Everything of a call but its hidden states."""
+    if inp.args:
+        return inp.args[1:], inp.kwargs
+    return (), {k: v for k, v in inp.kwargs.items() if k != "hidden_states"}
+
+
+def _broadcasts(value: Any) -> bool:
+    """A context value that serves a batch of any size: no tensor with a batch dimension above 1."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() <= 1 or value.shape[0] == 1
+    if isinstance(value, (tuple, list)):
+        return all(_broadcasts(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(_broadcasts(v) for v in value.values())
+    return True
+
+
+def _mergeable(inp: BlockInput) -> bool:
+    hidden = inp.hidden if (inp.args or "hidden_states" in inp.kwargs) else None
+    return (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[0] == 1 and inp.rows is None
+            and inp.between is None and (inp.mask is None or inp.mask.shape == hidden.shape[:2])
+            and _broadcasts(_context(inp)))
+
+
+def coalesce(inputs: list[BlockInput], max_tokens: int | None = None) -> list[BlockInput]:
+    """Consecutive inputs that differ only in their hidden states, merged into batches of up to ``max_tokens``.
+
+    Why: calibration runs every block over every input several times; LLM calibration windows (same
+    length, no padding) then share masks and position embeddings, and one batched call replaces many
+    small ones. Each batch records its ``rows`` so observers still see every input's tokens apart.
+    Inputs that cannot merge (a batch dimension in their context, padding masks of other shapes,
+    something added between blocks) stay as they are. ``max_tokens`` defaults to `BATCH_TOKENS`.
+    """
+    max_tokens = BATCH_TOKENS if max_tokens is None else max_tokens
+    out: list[BlockInput] = []
+    group: list[BlockInput] = []
+
+    def flush() -> None:
+        if len(group) == 1:
+            out.append(group[0])
+        elif group:
+            hidden = torch.cat([g.hidden for g in group])
+            masks = [g.mask for g in group]
+            mask = None if masks[0] is None else torch.cat(masks)
+            first = group[0]
+            if first.args:
+                batch = BlockInput((hidden, *first.args[1:]), first.kwargs, mask, None, tuple([1] * len(group)))
+            else:
+                batch = BlockInput((), {**first.kwargs, "hidden_states": hidden}, mask, None, tuple([1] * len(group)))
+            out.append(batch)
+        group.clear()
+
+    for inp in inputs:
+        if not _mergeable(inp):
+            flush()
+            out.append(inp)
+            continue
+        if group:
+            head = group[0]
+            fits = (len(group) + 1) * head.hidden.shape[1] <= max_tokens
+            same = (inp.hidden.shape == head.hidden.shape and (inp.mask is None) == (head.mask is None)
+                    and _same(_context(inp), _context(head)))
+            if not (fits and same):
+                flush()
+        group.append(inp)
+    flush()
+    return out
 
 
 class _StopForward(Exception):
@@ -81,17 +174,42 @@ class BlockData:
         self.module = module
         self.inputs = inputs
         self._mask: torch.Tensor | None = None
+        self._rows: tuple[int, ...] | None = None
+        self._batches: list[BlockInput] | None = None
         # id(module) -> calls per input, learnt by `input_groups` on the first input; lets a pass stop early.
         self._calls: dict[int, int] = {}
+        # Set by a quantizer whose last full pass already ran the block exactly as quantized (one output per
+        # input): the next block's inputs are then taken from it instead of another pass.
+        self.quantized_outputs: list[torch.Tensor] | None = None
+
+    def calls_per_input(self, module: nn.Module) -> int:
+        """How often ``module`` ran for the first input in `input_groups` (0 = not learnt or never called)."""
+        return self._calls.get(id(module), 0)
+
+    @property
+    def batches(self) -> list[BlockInput]:
+        """The inputs coalesced into as few calls as `coalesce` allows."""
+        if self._batches is None:
+            self._batches = coalesce(self.inputs)
+        return self._batches
+
+    def tokens_of(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What a module saw in the current call, ``x [B, T, I]``, as each original input's real tokens ``[n_i, I]``."""
+        rows = self._rows
+        if rows is None or x.dim() < 2 or x.shape[0] != sum(rows):
+            return [valid_tokens(x, self._mask)]
+        masks = [None] * len(rows) if self._mask is None else self._mask.split(rows)
+        return [valid_tokens(part, mask) for part, mask in zip(x.split(rows), masks)]
 
     @torch.no_grad()
     def forward(self, limit: int | None = None) -> list[torch.Tensor]:
-        """The module's main output for each input (the first ``limit`` inputs)."""
+        """The module's main output for each input (the first ``limit`` inputs); a full pass runs in batches."""
         outputs = []
-        for inp in self.inputs[:limit]:
-            self._mask = inp.mask
-            outputs.append(first_tensor(self.module(*inp.args, **inp.kwargs)))
-        self._mask = None
+        for inp in self.inputs[:limit] if limit is not None else self.batches:
+            self._mask, self._rows = inp.mask, inp.rows
+            out = first_tensor(self.module(*inp.args, **inp.kwargs))
+            outputs.extend(out.split(inp.rows) if inp.rows is not None else [out])
+        self._mask, self._rows = None, None
         return outputs
 
     @contextlib.contextmanager
@@ -99,7 +217,11 @@ class BlockData:
         """While active, ``fn(name, tokens [n, I])`` receives the real tokens entering each module."""
 
         def make(name: str) -> Callable:
-            return lambda module, x: fn(name, valid_tokens(x.detach(), self._mask))
+            def deliver(module: nn.Module, x: torch.Tensor) -> None:
+                for tokens in self.tokens_of(x.detach()):
+                    fn(name, tokens)
+
+            return deliver
 
         attached = [(m, make(n)) for n, m in modules.items()]
         for module, callback in attached:
@@ -124,24 +246,27 @@ class BlockData:
                 self.forward()
             return
         seen: dict[int, int] = {}
-        by_name = {name: id(m) for name, m in modules.items()}
 
-        def counted(name: str, x: torch.Tensor) -> None:
-            fn(name, x)
-            key = by_name[name]
-            seen[key] = seen.get(key, 0) + 1
+        def stop_when_all_called(module: nn.Module, x: torch.Tensor) -> None:  # after `observe`'s callback
+            seen[id(module)] = seen.get(id(module), 0) + 1
             if len(seen) == len(expected) and all(seen[k] >= n for k, n in expected.items()):
                 raise _StopForward
 
-        with self.observe(modules, counted):
-            for inp in self.inputs:
-                seen.clear()
-                self._mask = inp.mask
-                try:
-                    self.module(*inp.args, **inp.kwargs)
-                except _StopForward:
-                    pass
-        self._mask = None
+        with self.observe(modules, fn):
+            for module in modules.values():
+                module.observers.append(stop_when_all_called)
+            try:
+                for inp in self.batches:
+                    seen.clear()
+                    self._mask, self._rows = inp.mask, inp.rows
+                    try:
+                        self.module(*inp.args, **inp.kwargs)
+                    except _StopForward:
+                        pass
+            finally:
+                for module in modules.values():
+                    module.observers.remove(stop_when_all_called)
+        self._mask, self._rows = None, None
 
     @torch.no_grad()
     def input_groups(self, modules: Mapping[str, nn.Module]) -> list[list[str]]:
@@ -283,23 +408,26 @@ def calibrate_sequential(model: nn.Module, linears: dict[str, nn.Linear], sample
             block_prefix = f"{prefix}.{i}."
             names = [n for n in remaining if n.startswith(block_prefix)]
             data = BlockData(block, inputs)
-            if names:
-                modules = {}
-                for name in names:
-                    modules[name[len(block_prefix):]] = wrapped = wrap(remaining.pop(name))
-                    set_module(model, name, wrapped)
-                process(data, modules)
-            if i + 1 < len(blocks):
-                inputs = [_with_hidden(inp, out, i) for inp, out in zip(inputs, data.forward())]
+            modules = {}
+            for name in names:
+                modules[name[len(block_prefix):]] = wrapped = wrap(remaining.pop(name))
+                set_module(model, name, wrapped)
+            with holding_weights(modules.values()):
+                if modules:
+                    process(data, modules)
+                if i + 1 < len(blocks):
+                    outputs = data.quantized_outputs if data.quantized_outputs is not None else data.forward()
+                    inputs = [_with_hidden(inp, out, i) for inp, out in zip(inputs, outputs)]
     if remaining:
         modules = {}
         for name, linear in remaining.items():
             modules[name] = wrapped = wrap(linear)
             set_module(model, name, wrapped)
-        process(BlockData(model, [BlockInput((), s, token_mask(s)) for s in samples]), modules)
+        with holding_weights(modules.values()):
+            process(BlockData(model, [BlockInput((), s, token_mask(s)) for s in samples]), modules)
 
 
 __all__ = [
-    "BlockData", "BlockInput", "calibrate_sequential", "capture_block_inputs", "find_blocks", "first_tensor",
+    "BATCH_TOKENS", "BlockData", "BlockInput", "calibrate_sequential", "coalesce", "capture_block_inputs", "find_blocks", "first_tensor",
     "select_samples", "valid_tokens",
 ]

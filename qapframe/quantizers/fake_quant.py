@@ -9,6 +9,9 @@ recomputed from them at every forward, never kept.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,6 +104,25 @@ class ActQuantizer(nn.Module):
         return f"bits={s.bits}, group_size={s.group_size}, symmetric={s.symmetric}, dynamic={s.dynamic}"
 
 
+@contextlib.contextmanager
+def holding_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Dequantize each `QuantizedLinear` of ``modules`` once, not at every forward, while the block is re-run.
+
+    Calibration runs a block's samples through several passes after some of its Linears are quantized;
+    unpacking and dequantizing their codes at every call cost more than the matmuls (SmolLM2's GPTQ spent
+    28 % of its time there). The held copies are dropped on exit.
+    """
+    held = [m for m in modules if isinstance(m, QuantizedLinear)]
+    for module in held:
+        module.holds_weight = True
+    try:
+        yield
+    finally:
+        for module in held:
+            module.holds_weight = False
+            module._held_weight = None
+
+
 class QuantizedLinear(nn.Module):
     """A Linear with fake-quantized weights (packed codes, scales, zeros kept) and an optional input quantizer.
 
@@ -135,6 +157,10 @@ class QuantizedLinear(nn.Module):
         self.input_transform: nn.Module | None = None
         self.quantized = False
         self.observers: list = []  # calibration callbacks seeing the (transformed, smoothed) input
+        # While calibration re-runs a block many times, its dequantized weight is kept here (see
+        # `holding_weights`); None otherwise, so a quantized model stays at its packed size.
+        self._held_weight: torch.Tensor | None = None
+        self.holds_weight = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_spec: WeightSpec, act_spec: ActSpec | None) -> "QuantizedLinear":
@@ -155,9 +181,14 @@ class QuantizedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """``[O, I]`` in the compute dtype: the fp weight, or once quantized a fresh dequantization of the codes."""
-        if self.quantized:
-            return dequantize_weight(self.codes, self.scales, self.zeros, self.g_idx).to(self.dtype)
-        return self._fp_weight
+        if not self.quantized:
+            return self._fp_weight
+        if self._held_weight is not None:
+            return self._held_weight
+        weight = dequantize_weight(self.codes, self.scales, self.zeros, self.g_idx).to(self.dtype)
+        if self.holds_weight:
+            self._held_weight = weight
+        return weight
 
     @weight.setter
     def weight(self, value: torch.Tensor) -> None:
@@ -198,6 +229,7 @@ class QuantizedLinear(nn.Module):
         self.zeros = zeros.float().to(device)
         self.g_idx = g_idx.int().to(device)
         self._fp_weight = torch.zeros(0, dtype=self.dtype, device=self._fp_weight.device)
+        self._held_weight = None
         self.quantized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,5 +250,5 @@ class QuantizedLinear(nn.Module):
 
 
 __all__ = [
-    "ActQuantizer", "QuantizedLinear", "dequantize_weight", "group_index", "group_qparams", "quantize_weight_rtn",
+    "ActQuantizer", "QuantizedLinear", "dequantize_weight", "holding_weights", "group_index", "group_qparams", "quantize_weight_rtn",
 ]

@@ -17,12 +17,13 @@ Column order (``act_order``), with llm-compressor's names for the two act-order 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from qapframe.distributed import all_reduce_sum
+from qapframe.distributed import all_reduce_, all_reduce_sum
 from qapframe.quantizers.base import QUANTIZERS
 from qapframe.quantizers.calibration import BlockData
 from qapframe.quantizers.config import QuantizerConfig, WeightSpec
@@ -70,6 +71,9 @@ class GPTQConfig(QuantizerConfig, GPTQOptions):
     """Shared quantizer parameters plus `GPTQOptions`."""
 
 
+STRIPE = 384  # Hessian rows per stripe of the upper-triangle product (inputs narrower than 2 stripes: one product)
+
+
 class Hessian:
     """``H = 2 / n * X^T X`` over ``[n, I]`` token batches, reduced over ranks when distributed.
 
@@ -86,7 +90,12 @@ class Hessian:
         if x.shape[0] == 0:
             return
         x = x.float()
-        self._sum += (x.T @ x).double()
+        # Only the upper triangle is needed (H is symmetric): wide inputs (down_proj's) are done in row stripes
+        # ``X_i^T X[:, i:]``, a third fewer FLOPs than the full product; `matrix` mirrors it.
+        width = x.shape[1]
+        stripe = width // max(1, width // STRIPE)
+        for start in range(0, width, stripe):
+            self._sum[start : start + stripe, start:] += x[:, start : start + stripe].T @ x[:, start:]
         self.count += x.shape[0]
         self._reduced = None
 
@@ -94,24 +103,70 @@ class Hessian:
     def matrix(self) -> torch.Tensor:
         """The float32 Hessian over every rank's tokens (an all-reduce, once, when distributed)."""
         if self._reduced is None:
-            total = all_reduce_sum(self._sum.clone())
+            total = all_reduce_sum(torch.triu(self._sum))
+            total = total + torch.triu(total, 1).T
             count = int(all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64)).item())
             self._reduced = (total * (2.0 / max(count, 1))).float()
         return self._reduced
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, dampening: float = 0.01,
-                  block_size: int = 128, act_order: ActOrder | bool = "off"
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``W [O, I]``, ``H [I, I]`` -> ``(codes [O, I], scales [O, G], zeros [O, G], g_idx [I])``."""
-    order = act_order_name(act_order)
-    W = weight.float().clone()
+def gptq_columns_torch(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, start: int,
+                       stop: int, lo: int, hi: int, codes: torch.Tensor, err: torch.Tensor) -> None:
+    """Quantize block columns ``start .. stop - 1`` in order, in place (the reference; any device).
+
+    All ``[b, O]`` float32, one row per column of the block (transposed weight): ``W`` the block's current
+    weights (later rows receive each column's error), ``scale``/``zero`` each column's grid, ``codes`` and
+    ``err`` (error divided by the pivot) written; ``U [b, b]`` the block of the inverse Hessian's factor.
+    """
+    for i in range(start, stop):
+        w, s, z = W[i], scale[i], zero[i]
+        q = torch.clamp(torch.round(w / s) + z, lo, hi)
+        codes[i] = q
+        e = (w - (q - z) * s) / U[i, i]
+        # Only the columns after i still matter; the column itself is final.
+        W[i + 1 :] -= U[i, i + 1 :, None] * e
+        err[i] = e
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs of a Hessian; computed once for the Linears that read the same input (q/k/v, gate/up)."""
+
+    U: torch.Tensor  # [I, I] upper Cholesky factor of the damped inverse Hessian, rows in processing order
+    perm: torch.Tensor | None  # [I] processing order (act order); None = channel order
+    dead: torch.Tensor  # [I] bool: channels that never fired
+
+
+def hessian_factor(hessian: torch.Tensor, dampening: float = 0.01, act_order: ActOrder | bool = "off") -> HessianFactor:
+    """``H [I, I]`` -> its `HessianFactor` for the given column order."""
     H = hessian.float().clone()
-    out_f, in_f = W.shape
+    in_f = H.shape[0]
     dead = torch.diag(H) == 0
-    # A channel that never fired carries no information: fix it at 0 and keep H invertible.
+    # A channel that never fired carries no information: its weights are fixed at 0; H stays invertible.
     H[dead, dead] = 1
-    W[:, dead] = 0
+    perm = None
+    if act_order_name(act_order) != "off":
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    H += dampening * torch.diag(H).mean() * torch.eye(in_f, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return HessianFactor(U, perm, dead)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, spec: WeightSpec, dampening: float = 0.01,
+                  block_size: int = 128, act_order: ActOrder | bool = "off", factor: HessianFactor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W [O, I]``, ``H [I, I]`` -> ``(codes [O, I], scales [O, G], zeros [O, G], g_idx [I])``.
+
+    ``factor``: `hessian_factor` of ``H`` with the same ``dampening`` and ``act_order``, when already known.
+    """
+    order = act_order_name(act_order)
+    if factor is None:
+        factor = hessian_factor(hessian, dampening, order)
+    U, perm = factor.U, factor.perm
+    W = weight.float().clone()
+    out_f, in_f = W.shape
+    W[:, factor.dead] = 0
     # A group at least as wide as the weight is a single group per row: its grid must span every column.
     g = in_f if spec.group_size == -1 else min(spec.group_size, in_f)
     n_groups = -(-in_f // g)
@@ -123,12 +178,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     else:
         scales = torch.zeros(out_f, n_groups, device=W.device)
         zeros = torch.zeros(out_f, n_groups, device=W.device)
-    perm = None
-    if order != "off":
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    H += dampening * torch.diag(H).mean() * torch.eye(in_f, device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    if perm is not None:
+        W = W[:, perm]
 
     # The loop runs on transposed copies: a column of W is then a contiguous row, which halves the time
     # of the per-column updates (same operations, same results).
@@ -144,24 +195,24 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     block = block_size if fixed_grid else max(1, block_size // g) * g
     lo, hi = code_range(spec.bits, spec.symmetric)
     codes_t = torch.empty_like(WT)
+    columns = gptq_columns_torch
+    if WT.device.type == "cpu":  # imported here: numba costs a second that `qapframe list` should not pay
+        from qapframe.kernels.gptq_cpu import gptq_columns_cpu as columns
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1 = WT[i1:i2].clone()
         err = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not fixed_grid and col % g == 0:
-                scale, zero = qparams(W1[i : i + g].T, spec.bits, spec.symmetric)  # [O, 1]
+        U1 = U[i1:i2, i1:i2].contiguous()
+        # Without a fixed grid, each group's grid comes from its columns as updated so far.
+        starts = range(0, i2 - i1, block if fixed_grid else g)
+        for start in starts:
+            stop = min(start + (block if fixed_grid else g), i2 - i1)
+            if not fixed_grid:
+                col = i1 + start
+                scale, zero = qparams(W1[start:stop].T, spec.bits, spec.symmetric)  # [O, 1]
                 scales[:, col // g], zeros[:, col // g] = scale[:, 0], zero[:, 0]
-                scale_t[col : col + g], zero_t[col : col + g] = scale.T, zero.T
-            w, s, z = W1[i], scale_t[col], zero_t[col]
-            q = torch.clamp(torch.round(w / s) + z, lo, hi)
-            codes_t[col] = q
-            e = (w - (q - z) * s) / U1[i, i]
-            # Only the columns after i still matter; the column itself is final.
-            W1[i + 1 :] -= U1[i, i + 1 :, None] * e
-            err[i] = e
+                scale_t[col : i1 + stop], zero_t[col : i1 + stop] = scale.T, zero.T
+            columns(W1, U1, scale_t[i1:i2], zero_t[i1:i2], start, stop, lo, hi, codes_t[i1:i2], err)
         WT[i2:] -= U[i1:i2, i2:].T @ err
     codes = codes_t.T
     if perm is not None:
@@ -170,25 +221,82 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     return codes, scales, zeros, g_idx
 
 
-def gptq_modules(data: BlockData, modules: dict[str, QuantizedLinear], spec: WeightSpec, options: GPTQOptions) -> None:
-    """Collect Hessians on ``data`` and GPTQ-quantize ``modules``, group after group when true-sequential.
+def _quantize_group(modules: dict[str, QuantizedLinear], names: list[str], hessian: torch.Tensor, spec: WeightSpec,
+                    options: GPTQOptions) -> None:
+    """GPTQ for Linears that share one input: one factorization of their Hessian serves them all."""
+    factor = hessian_factor(hessian, options.dampening, options.act_order)
+    for name in names:
+        module = modules[name]
+        module.set_quantized(*gptq_quantize(
+            module.weight, None, spec, options.dampening, options.block_size, options.act_order, factor,
+        ))
 
-    Linears fed the same tensor (q/k/v, gate/up) share one Hessian: the same tokens give the same matrix.
-    Each calibration pass runs the block only as far as the Linears being observed.
+
+def _one_pass(data: BlockData, modules: dict[str, QuantizedLinear], groups: list[list[str]], spec: WeightSpec,
+              options: GPTQOptions) -> None:
+    """True-sequential GPTQ in one forward of the whole calibration batch.
+
+    When a group's first Linear is called, its input holds every calibration token as the Linears before
+    it (already quantized) produced it: exactly the Hessian the multi-pass schedule collects. The group is
+    quantized on the spot and the forward goes on with it, so a block costs one forward, not one per group,
+    and that forward's output is the quantized block's (activations aside; see `BlockData.quantized_outputs`).
     """
-    shared_input = data.input_groups(modules)
-    passes = shared_input if options.true_sequential else [[n for group in shared_input for n in group]]
-    leader_of = {name: group[0] for group in shared_input for name in group}
+    def quantize_on_call(names: list[str]) -> Callable:
+        def callback(module: QuantizedLinear, x: torch.Tensor) -> None:
+            module.observers.remove(callback)
+            hessian = Hessian(module.in_features, module.weight.device)
+            for tokens in data.tokens_of(x.detach()):  # per calibration input, as the multi-pass schedule adds them
+                hessian.add(tokens)
+            _quantize_group(modules, names, hessian.matrix, spec, options)
+
+        return callback
+
+    callbacks = {names[0]: quantize_on_call(names) for names in groups}
+    for leader, callback in callbacks.items():
+        modules[leader].observers.append(callback)
+    try:
+        outputs = data.forward()
+    finally:
+        for leader, callback in callbacks.items():
+            if callback in modules[leader].observers:
+                modules[leader].observers.remove(callback)
+    unreached = [names for names in groups if not modules[names[0]].quantized]
+    for names in unreached:  # a group the forward never reached (data-dependent routing) saw no token
+        _quantize_group(modules, names, Hessian(modules[names[0]].in_features, modules[names[0]].weight.device).matrix,
+                        spec, options)
+    if not unreached:  # every Linear computed with its quantized weight: the block's quantized output
+        data.quantized_outputs = outputs
+
+
+def _multi_pass(data: BlockData, modules: dict[str, QuantizedLinear], groups: list[list[str]], spec: WeightSpec,
+                options: GPTQOptions) -> None:
+    """One calibration pass per group (all groups at once unless true-sequential), each run only as far as
+    the Linears it observes."""
+    passes = groups if options.true_sequential else [[n for group in groups for n in group]]
+    leader_of = {name: group[0] for group in groups for name in group}
     for names in passes:
         leaders = {leader_of[n]: modules[leader_of[n]] for n in names}
         hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in leaders.items()}
         data.run_observed(leaders, lambda name, x: hessians[name].add(x))
-        for name in names:
-            module = modules[name]
-            module.set_quantized(*gptq_quantize(
-                module.weight, hessians[leader_of[name]].matrix, spec, options.dampening, options.block_size,
-                options.act_order,
-            ))
+        for leader, hessian in hessians.items():
+            _quantize_group(modules, [n for n in names if leader_of[n] == leader], hessian.matrix, spec, options)
+
+
+def gptq_modules(data: BlockData, modules: dict[str, QuantizedLinear], spec: WeightSpec, options: GPTQOptions) -> None:
+    """Collect Hessians on ``data`` and GPTQ-quantize ``modules``, group after group when true-sequential.
+
+    Linears fed the same tensor (q/k/v, gate/up) share one Hessian: the same tokens give the same matrix.
+    When every calibration input fits one batch (on every rank) and each group's Linears run once per
+    input, true-sequential GPTQ takes one forward per block (`_one_pass`), else one pass per group.
+    """
+    groups = data.input_groups(modules)
+    # Every rank must take the same path (the Hessians are all-reduced group by group).
+    once = all(data.calls_per_input(modules[names[0]]) == 1 for names in groups)
+    one_batch = torch.tensor([float(once and len(data.batches) == 1)])
+    if options.true_sequential and all_reduce_(one_batch, "min").item() == 1.0:
+        _one_pass(data, modules, groups, spec, options)
+    else:
+        _multi_pass(data, modules, groups, spec, options)
 
 
 @QUANTIZERS.register("gptq")
@@ -205,5 +313,5 @@ class GPTQ(LayerwiseQuantizer):
         gptq_modules(data, modules, self.config.weight_spec, self.config)
 
 
-__all__ = ["ACT_ORDERS", "GPTQ", "GPTQConfig", "GPTQOptions", "Hessian", "act_order_name", "gptq_modules",
-           "gptq_quantize"]
+__all__ = ["ACT_ORDERS", "GPTQ", "GPTQConfig", "GPTQOptions", "Hessian", "HessianFactor", "hessian_factor", "act_order_name", "gptq_columns_torch",
+           "gptq_modules", "gptq_quantize"]

@@ -76,6 +76,8 @@ class LayerwiseQuantizer(Quantizer):
     def _process(self, data: BlockData, modules: dict[str, QuantizedLinear]) -> None:
         self.process_block(data, modules)
         spec = self.config.act_spec
+        if spec is not None:  # outputs computed before the activation quantizers were on are not final
+            data.quantized_outputs = None
         if spec is not None and not spec.dynamic:
             # Static ranges see the block with its weights already quantized, activations still fp.
             with data.observe(modules, lambda name, x: modules[name].act_quant.observe(x)):

@@ -109,3 +109,76 @@ def test_rtn_without_static_ranges_runs_no_calibration_forward(spec):
     model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
     qapframe.quantize(model, {"name": "rtn", "scheme": "W8A8", "act_dynamic": False}, calibration)
     assert calls
+
+
+def test_calibration_dequantizes_each_weight_once_per_block_and_keeps_no_copy(monkeypatch):
+    """Held dequantized weights change no result, save the per-forward dequantization, and are dropped."""
+    import contextlib
+
+    from qapframe.quantizers import calibration, fake_quant
+
+    calls = []
+    dequantize = fake_quant.dequantize_weight
+
+    def counted(*args):
+        calls.append(1)
+        return dequantize(*args)
+
+    monkeypatch.setattr(fake_quant, "dequantize_weight", counted)
+    samples = [llava_inputs(1, seed=i) for i in range(4)]
+    spec = {"name": "gptq", "scheme": "W4A8", "group_size": 32, "act_dynamic": False}
+    held_model = qapframe.quantize(tiny_llava(), spec, samples)
+    held_calls, calls[:] = len(calls), []
+    monkeypatch.setattr(calibration, "holding_weights", lambda modules: contextlib.nullcontext())
+    plain_model = qapframe.quantize(tiny_llava(), spec, samples)
+    held, plain = held_model.state_dict(), plain_model.state_dict()
+    assert held.keys() == plain.keys() and all(torch.equal(held[k], plain[k]) for k in plain)
+    assert held_calls < len(calls) / 2
+    quantized = [m for m in held_model.modules() if isinstance(m, QuantizedLinear)]
+    assert quantized and all(m._held_weight is None and not m.holds_weight for m in quantized)
+    x = llava_inputs(1, seed=9)
+    torch.testing.assert_close(held_model(**x).logits, plain_model(**x).logits, rtol=0, atol=0)
+
+
+def test_inputs_differing_only_in_hidden_states_run_as_one_batch():
+    """Same-length windows coalesce (padding masks of another length do not); observers still get each
+    input's real tokens apart, and a full pass returns one output per input, as one-by-one calls do."""
+    from qapframe.quantizers.calibration import BlockData, BlockInput, coalesce
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    position = torch.randn(1, 5, 16)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.proj = layer, QuantizedLinear.from_linear(nn.Linear(16, 16), *_fp_specs())
+
+        def forward(self, hidden, position=None):
+            return self.proj(self.inner(hidden + position[:, : hidden.shape[1]]))
+
+    def inp(length, real):
+        mask = torch.zeros(1, length, dtype=torch.bool)
+        mask[:, :real] = True
+        return BlockInput((torch.randn(1, length, 16), position), {}, mask)
+
+    inputs = [inp(5, 5), inp(5, 3), inp(5, 4), inp(4, 4), inp(5, 5)]
+    batches = coalesce(inputs)
+    assert [b.rows for b in batches] == [(1, 1, 1), None, None]  # the 4-token input splits the run
+    assert len(coalesce(inputs, max_tokens=10)) == 4  # at most 2 windows of 5 tokens per batch
+    block = Block()
+    data = BlockData(block, inputs)
+    seen = []
+    with data.observe({"proj": block.proj}, lambda name, x: seen.append(x.shape[0])):
+        outputs = data.forward()
+    assert seen == [5, 3, 4, 4, 5]
+    one_by_one = [block(*i.args) for i in inputs]
+    assert len(outputs) == 5
+    for a, b in zip(outputs, one_by_one):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _fp_specs():
+    from qapframe.quantizers.config import WeightSpec
+
+    return WeightSpec(8, -1, True), None

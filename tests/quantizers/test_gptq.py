@@ -67,6 +67,18 @@ def test_hessian_is_two_xtx_over_n():
     assert torch.allclose(H.double(), 2 * x.double().T @ x.double() / x.shape[0], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("width", [800, 1536])  # 2 and 4 stripes of the upper-triangle product
+def test_a_wide_hessian_from_stripes_is_symmetric_and_exact(width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(300, width, generator=g) * torch.linspace(0.1, 5, width)
+    h = Hessian(width, torch.device("cpu"))
+    h.add(x[:120])
+    h.add(x[120:])
+    reference = 2 * x.double().T @ x.double() / 300
+    assert torch.equal(h.matrix, h.matrix.T)
+    torch.testing.assert_close(h.matrix.double(), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
 @pytest.mark.parametrize("group, act_order, symmetric", [(-1, False, False), (16, False, False), (16, True, False),
                                                          (-1, True, True), (32, True, True), (16, "static", False),
                                                          (32, "static", True), (16, "group", True)])
@@ -177,12 +189,18 @@ def test_act_order_lowers_the_output_error_on_outlier_channels():
     assert errors["static"] < 0.8 * errors["off"] and errors["group"] < 0.8 * errors["off"], errors
 
 
-def test_shortened_calibration_passes_give_identical_weights(monkeypatch):
-    """Each Hessian pass stops after its Linears (and q/k/v share one Hessian): same codes as full passes."""
+@pytest.mark.parametrize("batch_tokens", [1, 10**6], ids=["per-input", "one-batch"])
+def test_shortened_calibration_passes_give_identical_weights(monkeypatch, batch_tokens):
+    """Each Hessian pass stops after its Linears (and q/k/v share one Hessian): same codes as full passes,
+    whether the inputs run one by one or coalesced into a batch."""
     import qapframe
+    from qapframe.quantizers import calibration as calibration_module
+    from qapframe.quantizers import gptq
     from qapframe.quantizers.calibration import BlockData
     from tests.tiny_models import llava_inputs, tiny_llava
 
+    monkeypatch.setattr(calibration_module, "BATCH_TOKENS", batch_tokens)
+    monkeypatch.setattr(gptq, "_one_pass", gptq._multi_pass)  # the schedule under test
     calibration = [llava_inputs(1, seed=i) for i in range(3)]
     spec = {"name": "gptq", "scheme": "W4A16", "group_size": 32}
     downs = []  # completed MLP forwards
@@ -203,3 +221,38 @@ def test_shortened_calibration_passes_give_identical_weights(monkeypatch):
     slow = qapframe.quantize(count(tiny_llava()), spec, calibration).state_dict()
     assert all(torch.equal(fast[k], slow[k]) for k in slow)
     assert fast_calls < len(downs)
+
+
+@pytest.mark.parametrize("act_order", ["static", "group", "off"])
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A8"])
+def test_one_pass_gptq_equals_one_pass_per_group(monkeypatch, act_order, scheme):
+    """Quantizing each group as the single batched forward reaches it gives the multi-pass codes, bit for
+    bit, in one forward per block."""
+    import qapframe
+    from qapframe.quantizers import gptq
+    from tests.tiny_models import llava_inputs, tiny_llava
+
+    calibration = [llava_inputs(1, seed=i) for i in range(3)]
+    spec = {"name": "gptq", "scheme": scheme, "group_size": 32, "act_order": act_order}
+    block_calls = []  # started decoder-layer calls (a shortened pass never completes one)
+
+    def count(model):
+        for layer in model.model.language_model.layers:
+            layer.register_forward_pre_hook(lambda m, a: block_calls.append(1))
+        return model
+
+    one_pass, used = gptq._one_pass, []
+    monkeypatch.setattr(gptq, "_one_pass", lambda data, *a: used.append(data.module) or one_pass(data, *a))
+    model = count(tiny_llava())
+    one = qapframe.quantize(model, spec, calibration).state_dict()
+    one_calls, block_calls[:] = len(block_calls), []
+    assert used == list(model.model.language_model.layers)  # every decoder block took the one-pass path
+    monkeypatch.setattr(gptq, "_one_pass", gptq._multi_pass)
+    multi = qapframe.quantize(count(tiny_llava()), spec, calibration).state_dict()
+    assert one.keys() == multi.keys() and all(torch.equal(one[k], multi[k]) for k in multi)
+    # The batched forward replaces one pass per group (q/k/v, o, gate/up, down), and its output (weight-only
+    # scheme) is the block's quantized output: 3 fewer calls per block, and no output pass before the
+    # next block (the last block has none anyway).
+    blocks = len(model.model.language_model.layers)
+    reused_outputs = blocks - 1 if scheme == "W4A16" else 0  # quantized activations need the output pass
+    assert len(block_calls) - one_calls == blocks * 3 + reused_outputs

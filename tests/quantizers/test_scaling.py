@@ -113,3 +113,31 @@ def test_clip_search_buffers_follow_the_weight_device():
     x = torch.randn(32, 64, device="meta")
     clipped = clip_search(w, x, WeightSpec(4, 32, False), grid=4, max_shrink=0.5)
     assert clipped.device.type == "meta" and clipped.shape == (8, 64)
+
+
+def test_awq_inspects_the_smallest_module_holding_each_group():
+    from qapframe.quantizers.awq import inspected_module
+
+    assert inspected_module(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]) == "self_attn"
+    assert inspected_module(["mlp.gate_proj", "mlp.up_proj"]) == "mlp"
+    assert inspected_module(["mlp.down_proj"]) == "mlp.down_proj"
+    assert inspected_module(["attention.self.query", "intermediate.dense"]) == ""  # the block itself
+
+
+def test_awq_search_replays_the_inspected_modules_not_the_block():
+    """Each exponent of the grid re-runs only the module holding the group, on its recorded inputs."""
+    model = tiny_llava()
+    calibration = [llava_inputs(1, seed=i) for i in range(3)]
+    layers = model.model.language_model.layers
+    block_calls, attention_calls = [], []
+    layers[0].register_forward_hook(lambda m, a, out: block_calls.append(1))
+    layers[0].self_attn.register_forward_hook(lambda m, a, out: attention_calls.append(1))
+    grid = 6
+    QUANTIZERS.get("awq")(scheme="W4A16", group_size=32, clip=False, grid_size=grid, search_samples=3).apply(
+        model, calibration)
+    # Block 0 runs on its 3 inputs for the reference and the output pass, once for the group detection and
+    # once per fold check (up to 4 groups; none where no scaling wins): at most 11 calls; searching 4 groups
+    # x (grid + 1) exponents on the block would add 84. Its attention module also runs in q/k/v's (grid + 1)
+    # replays of the 3 inputs.
+    assert len(block_calls) <= 3 + 1 + 4 + 3
+    assert len(attention_calls) == len(block_calls) + (grid + 1) * 3
