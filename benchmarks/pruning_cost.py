@@ -3,8 +3,9 @@
     python benchmarks/pruning_cost.py [--repeats 5] [--json benchmarks/results/pruning_cost.json]
 
 For each method (scorer + pruner as a spec names them) and retention, the time of ``scorer.score`` +
-``pruner.select`` on one image's context, 576 tokens (PyramidDrop: its three stages on the shrinking
-token sets), median of ``--repeats``, one thread, float32, compared against two prefills:
+``pruner.select`` on one image's context, 576 tokens (PyramidDrop, SparseVLM: their three stages on the
+shrinking token sets, SparseVLM's first two adaptive), median of ``--repeats``, one thread, float32, compared
+against two prefills:
 - ``share_7b``: at D = 4096 (LLaVA-1.5-7B's width), against the LLaVA-1.5-7B prefill (576 vision + 40
   text tokens, CLIP-L/336 included) estimated as its FLOPs (`benchmarks/prefill.py`'s count) over this
   CPU's fp32 matmul throughput, measured in the same run;
@@ -44,7 +45,9 @@ METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
     "fastv (in-LLM)": ({"name": "fastv"}, {"name": "topk"}, 1),
     "dart (in-LLM)": ({"name": "fastv"}, {"name": "dart"}, 1),
     "pyramiddrop (in-LLM, 3 stages)": ({"name": "pyramiddrop"}, {"name": "topk"}, 3),
+    "sparsevlm (in-LLM, 3 stages)": ({"name": "sparsevlm"}, {"name": "sparsevlm"}, 3),
 }
+RATERS = 20  # SparseVLM's text raters per image: an assumed half of the TEXT tokens
 PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner"}
 
 
@@ -64,6 +67,8 @@ def context(n: int, d: int, seed: int = 0) -> ScoringContext:
         text_attention=torch.rand(1, n, generator=g).softmax(-1),
         llm_hidden=embeds,
         llm_keys=torch.randn(1, n, d, generator=g),
+        rater_attention=torch.rand(1, RATERS, n, generator=g).softmax(-1),
+        rater_mask=torch.ones(1, RATERS, dtype=torch.bool),
     )
 
 
@@ -73,7 +78,7 @@ def selection_seconds(label: str, retention: float, d: int, repeats: int) -> flo
     pruner = make(PRUNERS, pruner_spec, retention=retention)
     final = pruner.budget(N)
     counts = [N] + [max(final, round(N * (final / N) ** ((s + 1) / stages))) for s in range(stages)]
-    contexts = [context(counts[s], d, seed=s) for s in range(stages)]
+    contexts = [context(counts[s], d, seed=s).with_(adaptive_budget=s + 1 < stages) for s in range(stages)]
     stage_pruners = [pruner] if stages == 1 else [make(PRUNERS, pruner_spec, num_tokens=counts[s + 1]) for s in range(stages)]
 
     def run():

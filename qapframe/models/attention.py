@@ -2,7 +2,8 @@
 
 `sdpa` never materializes attention probabilities and `output_attentions=True` forces the slow eager
 path, so the few rows a scorer needs (the vision encoder's [CLS] row, the LLM's last text token row)
-are recomputed here from the query/key projections captured by forward hooks.
+are recomputed here from the query/key projections captured by forward hooks. `query_attention` does
+the same for any chosen query positions (SparseVLM's text raters), a few rows at a time.
 """
 
 from __future__ import annotations
@@ -121,6 +122,35 @@ def last_token_attention(capture: ProjectionCapture, attention_mask: torch.Tenso
     return attention_probs(q_last, k, capture.scaling, allowed)[:, :, 0].mean(dim=1)  # [B, S]
 
 
+def query_attention(
+    capture: ProjectionCapture, attention_mask: torch.Tensor, queries: torch.Tensor, chunk: int = 64
+) -> torch.Tensor:
+    """From a hooked LLM layer at prefill: the causal attention rows of the tokens at ``queries [B, Q]``
+    (positions in the sequence; -1 = no query, its row is 0), mean over heads ``[B, Q, S]`` float32.
+
+    As in `last_token_attention`, only real keys (``attention_mask [B, S]``) up to each query take part;
+    queries run ``chunk`` at a time, so memory is ``B * H * chunk * S`` floats.
+    """
+    q, k = capture.query_key()  # [B, H, S, Dh], [B, Hkv, S, Dh]
+    mask = attention_mask.bool()
+    b, s = mask.shape
+    positions = torch.arange(s, device=mask.device)
+    rows = torch.arange(b, device=q.device)[:, None]
+    out = []
+    for start in range(0, queries.shape[1], chunk):
+        part = queries[:, start : start + chunk].to(q.device)  # [B, c]
+        present = part >= 0
+        safe = part.clamp_min(0)
+        q_part = q[rows, :, safe].transpose(1, 2)  # [B, c, H, Dh] -> [B, H, c, Dh]
+        allowed = mask[:, None, :] & (positions[None, None, :] <= safe[..., None])  # [B, c, S]
+        allowed = allowed | ~present[..., None]  # an absent query gets a harmless full row, zeroed below
+        probs = attention_probs(q_part, k, capture.scaling, allowed).mean(dim=1)  # [B, c, S]
+        out.append(probs * present[..., None])
+    if not out:
+        return torch.zeros(b, 0, s, dtype=torch.float32, device=q.device)
+    return torch.cat(out, dim=1)
+
+
 def received_attention_and_keys(capture: ProjectionCapture) -> tuple[torch.Tensor, torch.Tensor]:
     """From a hooked vision-encoder layer without [CLS] (SigLIP): the mean attention each token receives,
     averaged over heads and over all queries of its crop ``[B, S]``, and the keys averaged over heads
@@ -133,7 +163,8 @@ def received_attention_and_keys(capture: ProjectionCapture) -> tuple[torch.Tenso
 
 
 def packed_received_attention(
-    query: torch.Tensor, keys: torch.Tensor, scaling: float, cu_seqlens: torch.Tensor, chunk: int = 256
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, cu_seqlens: torch.Tensor, chunk: int = 256,
+    max_queries: int | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed segment (``cu_seqlens [G + 1]``, e.g. Qwen's frames) of
     ``query``/``keys [S, H, Dh]`` -> ``[S]`` float32: the attention each token receives, mean over heads and
@@ -142,7 +173,9 @@ def packed_received_attention(
 
     The probabilities are never formed: with ``e = exp(l - max_k l)`` per query row and ``z`` its row sum,
     what key ``k`` receives is ``sum_q e_qk / z_q``, one matrix-vector product per head (the same sum as
-    ``softmax(l).sum(q)``, in another order). It costs O(S_g^2) per segment: all of its queries count."""
+    ``softmax(l).sum(q)``, in another order). It costs O(S_g^2) per segment when all of its queries count;
+    ``max_queries`` caps them at an evenly strided subset (every ``ceil(S_g / max_queries)``-th query), an
+    estimate of the same mean at ``O(max_queries * S_g)``."""
     out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
     bounds = cu_seqlens.tolist()
     heads, kv_heads = query.shape[1], keys.shape[1]
@@ -151,11 +184,13 @@ def packed_received_attention(
     for start, end in zip(bounds[:-1], bounds[1:]):
         k = keys[start:end].float().transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)  # [H, S_g, Dh]
         total = torch.zeros(end - start, dtype=torch.float32, device=query.device)
-        for q0 in range(start, end, chunk):
-            q = query[q0 : min(q0 + chunk, end)].float().transpose(0, 1) * scaling  # [H, c, Dh]
+        stride = 1 if max_queries is None else max(1, -(-(end - start) // max_queries))
+        queries = query[start:end:stride]  # [S_q, H, Dh]
+        for q0 in range(0, queries.shape[0], chunk):
+            q = queries[q0 : q0 + chunk].float().transpose(0, 1) * scaling  # [H, c, Dh]
             logits = torch.bmm(q, k.transpose(1, 2))  # [H, c, S_g]
             logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
             inverse = logits.sum(dim=-1, keepdim=True).reciprocal_()  # [H, c, 1] = 1 / z_q
             total += torch.bmm(inverse.transpose(1, 2), logits).sum(dim=(0, 1))  # sum_h sum_q e_qk / z_q
-        out[start:end] = total / (heads * (end - start))
+        out[start:end] = total / (heads * queries.shape[0])
     return out

@@ -1,13 +1,24 @@
-"""In-LLM pruning (FastV, DART, PyramidDrop): rank at some decoder layers, later layers see only kept tokens.
+"""In-LLM pruning (FastV, DART, PyramidDrop, SparseVLM): rank at some decoder layers, later layers see fewer tokens.
 
 Design (hooks on the unmodified language model, so any v5 LLaMA-style decoder works):
 - A pre-hook on the language model notes the 2-D padding mask and the cache of each call.
-- Each *ranking layer* r_s (one for FastV/DART, one per stage for PyramidDrop) gets hooks on its
-  ``q_proj``/``k_proj`` (and rotary embeddings), so the last real token's attention row is recomputed
-  in float32 (`sdpa` never exposes attention probabilities), and a forward hook that selects tokens per
-  image and returns the *gathered* hidden states ``[B, L_s+1, D]``. Pre-hooks on every later layer swap
-  in the gathered rotary embeddings, position ids and a mask built for the shorter sequence of their
-  stage, so they really compute on fewer tokens (the saving).
+- Each *ranking layer* r_s (one for FastV/DART, one per stage for PyramidDrop and SparseVLM) gets hooks on
+  its ``q_proj``/``k_proj`` (and rotary embeddings), so the last real token's attention row (and, when asked
+  for, the rows of each image's text raters) is recomputed in float32 (`sdpa` never exposes attention
+  probabilities), and a forward hook that selects tokens per image and returns the *gathered* hidden states
+  ``[B, L_s+1, D]``. Pre-hooks on every later layer swap in the gathered rotary embeddings, position ids and
+  a mask built for the shorter sequence of their stage, so they really compute on fewer tokens (the saving).
+- Merged tokens (SparseVLM's recycled tokens: a selection's ``extra_tokens``, hidden states) are inserted
+  into the sequence right after their image's last remaining token, before the text that follows the image,
+  and take the position ids and rotary embedding of the image's *last placeholder*: the text after the image
+  keeps its positions, as with Qwen's pre-LLM merged tokens. (SparseVLM's code inserts them at the same
+  place but renumbers every position contiguously; here, as in FastV, kept tokens keep their positions.)
+  Later stages treat them as their image's tokens, so they can be pruned or merged again. A token is named
+  by an id: its prefill position, or ``prefill_length + j`` for its row's j-th merged token, whose hidden
+  state (as made) is ``InLLMState.merged[:, j]``.
+- Text raters (SparseVLM): per image, the text tokens after it, or those that ``text_raters`` picks from the
+  LLM input embeddings before the first layer (chosen once per prompt); the row's last real token when no
+  text follows the image. Their attention rows to the image's remaining tokens go to the selection.
 - KV cache: layers of stage s cache only that stage's kept tokens. The prefill's per-stage kept index
   and mask live in this handle, keyed (weakly) by the cache object, so each decode step builds each
   stage's mask from its kept prefix mask plus the new tokens' mask, sized against the stage's first
@@ -22,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from qapframe.models.attention import ProjectionCapture, last_token_attention
+from qapframe.models.attention import ProjectionCapture, last_token_attention, query_attention
 from qapframe.models.pruning import ImageSelection, ImageTokens, image_spans, stack_padded, uses_right_padding
 
 
@@ -31,8 +42,9 @@ class StageState:
     """One stage's kept prefill tokens, as seen by its layers (ranking layer + 1 onwards)."""
 
     first_layer: int
-    keep_index: torch.Tensor  # [B, L_s] original prefill positions kept (padding slots: arbitrary)
+    keep_index: torch.Tensor  # [B, L_s] token ids: prefill positions, or prefill_length + j (padding slots: arbitrary)
     kept_mask: torch.Tensor  # [B, L_s] 1 = real kept token
+    position_index: torch.Tensor  # [B, L_s] prefill position whose position ids each token takes
 
 
 @dataclass
@@ -41,6 +53,7 @@ class InLLMState:
 
     prefill_length: int
     stages: list[StageState]
+    merged: torch.Tensor | None = None  # [B, M, D] merged tokens' hidden states as made (rows padded with 0)
 
     @property
     def keep_index(self) -> torch.Tensor:  # [B, L'] the last stage's (what the logits cover)
@@ -63,21 +76,26 @@ class _Call:
     state: InLLMState | None = None
     stage_kwargs: dict[int, dict] = field(default_factory=dict)  # stage -> kwargs for its layers
     # prefill bookkeeping between stages
-    current_index: torch.Tensor | None = None  # [B, L_s] original positions of the current sequence
+    current_index: torch.Tensor | None = None  # [B, L_s] token ids of the current sequence
+    current_position: torch.Tensor | None = None  # [B, L_s] their position sources (prefill positions)
     current_mask: torch.Tensor | None = None  # [B, L_s]
+    position_embeddings: tuple | None = None  # the prefill's rotary embeddings, [1 or B, L, Dh] each
     images: list[ImageTokens] | None = None
-    remaining: list[torch.Tensor] | None = None  # per image: indices into its original tokens still present
+    members: list[torch.Tensor] | None = None  # per image: ids of its remaining tokens (originals, then merged)
     spans: list | None = None
+    raters: list[torch.Tensor] | None = None  # per image: prefill positions of its text raters
+    merged: list[torch.Tensor] | None = None  # per row: hidden states of its merged tokens so far [M_r, D]
     records: list[dict] = field(default_factory=list)
 
 
 class InLLMPruning:
     """Installs in-LLM pruning after each decoder layer of ``layers`` (ascending) of ``language_model``.
 
-    ``select(images, text_attention, targets) -> list[ImageSelection]`` is the adapter's scoring
-    callback (``targets``: per image prunable tokens to keep, None = the pruner's own budget);
-    ``images()`` returns the current prompt's `ImageTokens`; ``final_budget(n)`` is the pruner's budget
-    for n prunable tokens (the count left after the last stage).
+    ``select(images, text_attention, targets, rater_attention=, adaptive=) -> list[ImageSelection]`` is the
+    adapter's scoring callback (``targets``: per image prunable tokens to keep, None = the pruner's budget;
+    ``adaptive``: the targets are a stage's plan the pruner may adapt); ``images()`` returns the current
+    prompt's `ImageTokens`; ``final_budget(n)`` is the pruner's budget for n prunable tokens (the count left
+    after the last stage). ``rater_attention``: compute the text raters' rows, chosen by ``text_raters``.
     """
 
     def __init__(
@@ -89,6 +107,8 @@ class InLLMPruning:
         on_selection: Callable[[dict], None],
         final_budget: Callable[[int], int] | None = None,
         need_hidden: bool = False,
+        rater_attention: bool = False,
+        text_raters: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         num_layers = len(language_model.layers)
         if not layers or any(not 0 <= r < num_layers - 1 for r in layers) or sorted(set(layers)) != list(layers):
@@ -103,6 +123,8 @@ class InLLMPruning:
         self._on_selection = on_selection
         self._final_budget = final_budget
         self._need_hidden = need_hidden
+        self._rater_attention = rater_attention
+        self._text_raters = text_raters
         self.pending_vision_mask: torch.Tensor | None = None  # [B, L] set by the adapter before a prefill
         self._call: _Call | None = None
         self._states: "weakref.WeakKeyDictionary[object, InLLMState]" = weakref.WeakKeyDictionary()
@@ -146,8 +168,8 @@ class InLLMPruning:
                 raise ValueError("in-LLM pruning needs the prompt in one prefill call (the cache was not empty)")
             self._call = _Call(prefill=True, full_mask=full, cache=cache, inputs_embeds=embeds, vision_mask=vision_mask)
             self._call.state = InLLMState(prefill_length=length, stages=[])
-            positions = torch.arange(length, device=embeds.device)
-            self._call.current_index = positions.expand(b, length)
+            positions = torch.arange(length, device=embeds.device).expand(b, length)
+            self._call.current_index = self._call.current_position = positions
             self._call.current_mask = full
             self.captures[0].enabled = True
         elif state is not None:
@@ -165,26 +187,52 @@ class InLLMPruning:
 
         return hook
 
-    def _stage_images(self, call: _Call, hidden: torch.Tensor, keys: torch.Tensor | None) -> list[ImageTokens]:
-        """The images' remaining tokens, as the scorers see them at this stage."""
-        if call.images is None:
-            call.images = self._images()
-            call.spans = image_spans(call.vision_mask, [im.num_tokens for im in call.images])
-            call.remaining = [torch.arange(im.num_tokens, device=hidden.device) for im in call.images]
-        where = self._where(call)
+    def _start_images(self, call: _Call, hidden: torch.Tensor) -> None:
+        call.images = self._images()
+        call.spans = image_spans(call.vision_mask, [im.num_tokens for im in call.images])
+        call.members = [pos.to(hidden.device).clone() for _, pos in call.spans]  # ids = prefill positions
+        call.merged = [hidden.new_zeros(0, hidden.shape[-1]) for _ in range(hidden.shape[0])]
+        if self._rater_attention:
+            call.raters = self._choose_raters(call)
+
+    def _choose_raters(self, call: _Call) -> list[torch.Tensor]:
+        """Per image: prefill positions of the real text tokens after it (``text_raters`` narrows them)."""
         out = []
-        for im, rem, (row, pos) in zip(call.images, call.remaining, call.spans):
-            rem_pos = pos[rem.to(pos.device)]  # original prefill positions of the remaining tokens
-            here = where[row, rem_pos]  # [R] positions in the current sequence
+        for im, (row, pos) in zip(call.images, call.spans):
+            text = call.full_mask[row].bool() & ~call.vision_mask[row]  # [L] real text tokens
+            if pos.numel():
+                text[: int(pos[-1]) + 1] = False
+            candidates = text.nonzero().squeeze(-1)
+            if candidates.numel() == 0:  # nothing follows the image: the last real token rates it, as in FastV
+                candidates = call.full_mask[row].bool().nonzero().squeeze(-1)[-1:]
+            elif self._text_raters is not None:
+                vision = call.inputs_embeds[row, pos[im.prunable.to(pos.device)]]  # [P, D]
+                chosen = self._text_raters(vision, call.inputs_embeds[row, candidates]).to(candidates.device)
+                if chosen.any():
+                    candidates = candidates[chosen]
+            out.append(candidates)
+        return out
 
-            def sub(t):
-                return None if t is None else t[rem]
+    def _stage_images(self, call: _Call, hidden: torch.Tensor, keys: torch.Tensor | None, where) -> list[ImageTokens]:
+        """The images' remaining tokens, as the scorers see them at this stage (merged ones last)."""
+        length = call.state.prefill_length
+        out = []
+        for im, ids, (row, pos) in zip(call.images, call.members, call.spans):
+            original = ids < length
+            local = torch.searchsorted(pos.to(ids.device), ids[original])  # indices into the image's own tokens
+            merged = call.merged[row][ids[~original] - length]  # [M, D]
+            here = where[row, ids]  # [R] slots in the current sequence
 
+            def sub(t):  # merged tokens have no vision-side values: zeros, like structural tokens
+                return None if t is None else torch.cat([t[local], t.new_zeros(merged.shape[0], *t.shape[1:])])
+
+            features = call.inputs_embeds[row, ids[original]]
             out.append(
                 ImageTokens(
-                    # Scorers rate the tokens the LLM received; the hybrid's SQ uses the same embeddings.
-                    features=call.inputs_embeds[row, rem_pos],
-                    prunable=im.prunable[rem],
+                    # Scorers rate the tokens the LLM received (a merged token: its hidden state as made);
+                    # the hybrid's SQ uses the same embeddings.
+                    features=torch.cat([features, merged.to(features.dtype)]),
+                    prunable=torch.cat([im.prunable[local], im.prunable.new_ones(merged.shape[0])]),
                     cls_attention=sub(im.cls_attention),
                     keys=sub(im.keys),
                     text_embeds=im.text_embeds,
@@ -195,6 +243,20 @@ class InLLMPruning:
             )
         return out
 
+    def _rater_rows(self, call: _Call, capture: ProjectionCapture, where: torch.Tensor) -> list[torch.Tensor]:
+        """Per image ``[R_i, N_i]``: its raters' attention rows over its remaining tokens (one pass per batch)."""
+        b = where.shape[0]
+        per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        picks = []
+        for raters, (row, _) in zip(call.raters, call.spans):
+            slots = where[row, raters.to(where.device)]  # -1 for a rater that was pruned (a vision token)
+            picks.append((row, sum(p.numel() for p in per_row[row]), slots.numel()))
+            per_row[row].append(slots)
+        empty = torch.zeros(0, dtype=torch.long, device=where.device)
+        queries, _ = stack_padded([torch.cat(p) if p else empty for p in per_row], -1, right_pad=True)  # [B, Q]
+        rows = query_attention(capture, call.current_mask, queries)  # [B, Q, L_s]
+        return [rows[row, start : start + n][:, where[row, ids]] for (row, start, n), ids in zip(picks, call.members)]
+
     def _prune_stage(self, call: _Call, stage: int, output):
         capture = self.captures[stage]
         capture.enabled = False
@@ -204,55 +266,90 @@ class InLLMPruning:
         if self._need_hidden:
             k = capture.query_key()[1]  # [B, Hkv, L_s, Dh]
             keys = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)  # [B, L_s, Hkv * Dh]
-        position_embeddings = capture.position_embeddings
+        if stage == 0:  # every later stage takes its tokens' rotary embeddings from the full prefill's
+            call.position_embeddings = capture.position_embeddings
+            self._start_images(call, hidden)
+        where = self._where(call)
+        images = self._stage_images(call, hidden, keys, where)
+        rater_attention = self._rater_rows(call, capture, where) if self._rater_attention else None
         capture.clear()
 
-        images = self._stage_images(call, hidden, keys)
-        b = hidden.shape[0]
-        where = self._where(call)
-        attention = []
-        for im, rem, (row, pos) in zip(images, call.remaining, call.spans):
-            attention.append(text_attention[row, where[row, pos[rem.to(pos.device)]]])
+        attention = [text_attention[row, where[row, ids]] for ids, (row, _) in zip(call.members, call.spans)]
         targets = self._targets(call, stage)
-        selections = self._select(images, attention, targets)
-        if any(s.extra_tokens is not None for s in selections):
-            raise ValueError("in-LLM pruning cannot insert merged tokens; use a pruner without extra tokens")
-
-        keep = call.current_mask.bool().clone()  # [B, L_s] real tokens
-        for i, (sel, rem, (row, pos)) in enumerate(zip(selections, call.remaining, call.spans)):
-            dropped = torch.ones(rem.numel(), dtype=torch.bool, device=rem.device)
-            dropped[sel.keep_index.to(rem.device)] = False
-            keep[row, where[row, pos[rem[dropped].to(pos.device)]]] = False
-            call.remaining[i] = rem[~dropped]
-        rows = [keep[r].nonzero().squeeze(-1) for r in range(b)]
-        local, kept_mask = stack_padded(rows, 0, uses_right_padding(call.full_mask))  # [B, L_s+1] each
-        kept_mask = kept_mask.to(call.full_mask.dtype)
-        global_index = call.current_index.gather(1, local)
-        call.state.stages.append(StageState(self.layers[stage] + 1, global_index, kept_mask))
-        call.current_index, call.current_mask = global_index, kept_mask
-        call.records.append({"selections": selections, "text_attention": text_attention, "targets": targets})
-
-        def gather(t: torch.Tensor) -> torch.Tensor:  # [1 or B, L_s, *] -> [B, L_s+1, *]
-            t = t.expand(b, *t.shape[1:])
-            return t.gather(1, local.view(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
-
-        kept_hidden = gather(hidden)
-        kwargs: dict = {}
-        if position_embeddings is not None:
-            kwargs["position_embeddings"] = tuple(gather(t) for t in position_embeddings)
-        kwargs["position_ids"] = global_index  # the gather index; applied to the ids each layer receives
-        kwargs["attention_mask"] = self._mask(kept_hidden, kept_mask, call.cache, self.layers[stage] + 1)
-        call.stage_kwargs[stage] = kwargs
+        adaptive = targets is not None and stage + 1 < len(self.layers)
+        selections = self._select(images, attention, targets, rater_attention=rater_attention, adaptive=adaptive)
+        call.records.append({"selections": selections, "text_attention": text_attention, "targets": targets,
+                             "rater_attention": rater_attention})
+        kept_hidden = self._next_sequence(call, stage, hidden, where, selections)
         if stage + 1 < len(self.layers):
             self.captures[stage + 1].enabled = True
         else:
             self._finish(call)
         return (kept_hidden, *output[1:]) if isinstance(output, tuple) else kept_hidden
 
+    def _next_sequence(self, call: _Call, stage: int, hidden: torch.Tensor, where, selections) -> torch.Tensor:
+        """Apply the stage's selections: drop tokens, insert merged ones -> the next hidden states ``[B, L_s+1, D]``;
+        record the stage and the kwargs its later layers get."""
+        b, size = hidden.shape[:2]
+        length = call.state.prefill_length
+        keep = call.current_mask.bool().clone()  # [B, L_s] real tokens
+        fresh: list[list[tuple]] = [[] for _ in range(b)]  # per row: (ids [M], hidden [M, D], positions [M])
+        for i, (sel, ids, (row, pos)) in enumerate(zip(selections, call.members, call.spans)):
+            dropped = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
+            dropped[sel.keep_index.to(ids.device)] = False
+            keep[row, where[row, ids[dropped]]] = False
+            survivors = ids[~dropped]
+            if sel.extra_tokens is not None and sel.extra_tokens.shape[0]:
+                tokens = sel.extra_tokens.to(hidden.dtype)
+                new_ids = length + call.merged[row].shape[0] + torch.arange(tokens.shape[0], device=ids.device)
+                call.merged[row] = torch.cat([call.merged[row], tokens])
+                fresh[row].append((new_ids, tokens, pos[-1:].to(ids.device).expand(tokens.shape[0])))
+                survivors = torch.cat([survivors, new_ids])
+            call.members[i] = survivors
+
+        space = length + max(m.shape[0] for m in call.merged) + 1
+        rows, extra = [], []
+        for r in range(b):
+            slots = keep[r].nonzero().squeeze(-1)
+            ids, position, source = call.current_index[r, slots], call.current_position[r, slots], slots
+            added = sum(t[0].numel() for t in fresh[r])
+            extra.append(torch.cat([t[1] for t in fresh[r]]) if fresh[r] else hidden.new_zeros(0, hidden.shape[-1]))
+            if added:
+                ids = torch.cat([ids, *(t[0] for t in fresh[r])])
+                position = torch.cat([position, *(t[2] for t in fresh[r])])
+                source = torch.cat([source, size + torch.arange(added, device=slots.device)])
+                # Sequence order: by position, a merged token after every token at its position (the image's last
+                # placeholder) and before the next one, earlier merges first.
+                order = torch.argsort((2 * position + (ids >= length)) * space + ids)
+                ids, position, source = ids[order], position[order], source[order]
+            rows.append(torch.stack([ids, position, source], dim=-1))  # [n_r, 3]
+        table, kept_mask = stack_padded(rows, 0, uses_right_padding(call.full_mask))  # [B, L_s+1, 3], [B, L_s+1]
+        ids, position, source = table.unbind(-1)
+        kept_mask = kept_mask.to(call.full_mask.dtype)
+        first_layer = self.layers[stage] + 1
+        call.state.stages.append(StageState(first_layer, ids, kept_mask, position))
+        call.current_index, call.current_position, call.current_mask = ids, position, kept_mask
+
+        def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [1 or B, S, *] -> [B, L_s+1, *]
+            t = t.expand(b, *t.shape[1:])
+            return t.gather(1, index.view(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+
+        if any(e.shape[0] for e in extra):
+            hidden = torch.cat([hidden, stack_padded(extra, 0.0, right_pad=True)[0]], dim=1)  # merged after the slots
+        kept_hidden = gather(hidden, source)
+        kwargs: dict = {}
+        if call.position_embeddings is not None:
+            kwargs["position_embeddings"] = tuple(gather(t, position) for t in call.position_embeddings)
+        kwargs["position_ids"] = position  # the gather index; applied to the ids each layer receives
+        kwargs["attention_mask"] = self._mask(kept_hidden, kept_mask, call.cache, first_layer)
+        call.stage_kwargs[stage] = kwargs
+        return kept_hidden
+
     def _where(self, call: _Call) -> torch.Tensor:
-        """``[B, L]``: where each original prefill position sits in the current sequence (-1: gone / padding)."""
+        """``[B, ids]``: where each token id sits in the current sequence (-1: gone / padding)."""
         b = call.current_index.shape[0]
-        where = torch.full((b, call.full_mask.shape[1]), -1, dtype=torch.long, device=call.current_index.device)
+        size = call.state.prefill_length + max((m.shape[0] for m in call.merged or ()), default=0)
+        where = torch.full((b, size), -1, dtype=torch.long, device=call.current_index.device)
         real = call.current_mask.bool()
         for row in range(b):
             where[row, call.current_index[row][real[row]]] = real[row].nonzero().squeeze(-1)
@@ -272,17 +369,24 @@ class InLLMPruning:
         return out
 
     def _finish(self, call: _Call) -> None:
+        length = call.state.prefill_length
+        if any(m.shape[0] for m in call.merged):
+            call.state.merged = stack_padded(call.merged, 0.0, right_pad=True)[0]  # [B, M, D]
         if call.cache is not None:
             self._states[call.cache] = call.state
         final = []
         first = call.records[0]["selections"]
-        for im, rem, sel0 in zip(call.images, call.remaining, first):
-            final.append(ImageSelection(keep_index=rem.sort().values, extra_tokens=None, scores=sel0.scores))
+        for ids, (row, pos), sel0 in zip(call.members, call.spans, first):
+            original = ids < length
+            keep = torch.searchsorted(pos.to(ids.device), ids[original]).sort().values
+            extra = call.merged[row][ids[~original] - length] if bool((~original).any()) else None
+            final.append(ImageSelection(keep_index=keep, extra_tokens=extra, scores=sel0.scores))
         self._on_selection(
             {
                 "selections": final,
                 "spans": call.spans,
                 "text_attention": call.records[0]["text_attention"],
+                "raters": call.raters,
                 "stages": call.records,
                 "state": call.state,
             }

@@ -11,7 +11,8 @@ Two pruning points, chosen from the scorer's requirements:
   model. Position ids passed explicitly to ``forward`` are recomputed from the shortened mask.
   `HookingAdapter.pruned_inputs` builds the shortened prompt; an architecture with its own position
   scheme (Qwen's M-RoPE) overrides it.
-- **in-LLM** (FastV, DART, PyramidDrop): see `qapframe.models.inllm`.
+- **in-LLM** (FastV, DART, PyramidDrop, SparseVLM): see `qapframe.models.inllm`. Context that exists only
+  inside the LLM (hidden states, text raters' attention) is refused without an in-LLM pruning point.
 
 Beyond the vision features, the installation adds what only the model can compute when a strategy asks
 for it: the prompt's LLM input embeddings per image (CDPruner's relevance) and the error of the first
@@ -60,6 +61,12 @@ class Installation:
         self.scorer, self.pruner, self.quant, self.seed = scorer, pruner, quant, seed
         self.requirements = requirements_of(scorer, pruner)
         # Resolved before anything is attached, so that a bad setting leaves the model untouched.
+        if (self.requirements.llm_hidden or self.requirements.rater_attention) and not self.requirements.in_llm:
+            raise ValueError(
+                f"scorer {scorer.name!r} with pruner {pruner.name!r} needs context from inside the LLM (hidden "
+                f"states or text raters' attention), but neither names an in-LLM pruning point; pair it with an "
+                f"in-LLM scorer (e.g. sparsevlm, pyramiddrop, fastv)"
+            )
         ranking_layers = adapter.ranking_layers(model, self.requirements) if self.requirements.in_llm else None
         base = model.model
         # The images of one prompt may come from several feature calls (Qwen: images, then videos), made
@@ -89,6 +96,8 @@ class Installation:
                 on_selection=self._record,
                 final_budget=pruner.budget,
                 need_hidden=self.requirements.llm_hidden,
+                rater_attention=self.requirements.rater_attention,
+                text_raters=self.requirements.text_raters,
             )
             self._handles.append(model.register_forward_pre_hook(self._fastv_pre_hook, with_kwargs=True))
         else:
@@ -153,9 +162,11 @@ class Installation:
             raise RuntimeError("no image features were computed for this prompt")
         return images
 
-    def _select(self, images, text_attention=None, targets=None):
+    def _select(self, images, text_attention=None, targets=None, rater_attention=None, adaptive=False):
         images = self._with_context(images)
-        return select_per_image(self.scorer, self.pruner, images, self.quant, self.seed, text_attention, targets)
+        return select_per_image(
+            self.scorer, self.pruner, images, self.quant, self.seed, text_attention, targets, rater_attention, adaptive
+        )
 
     def _with_context(self, images: list[ImageTokens]) -> list[ImageTokens]:
         """Add what only the model can compute: prompt text embeddings, the activation quantizer's error."""
@@ -186,7 +197,7 @@ class Installation:
     def _has_pixels(self, bound: dict) -> bool:
         return any(bound.get(k) is not None for k in self.adapter.pixel_keys)
 
-    # -- in-LLM (FastV, DART, PyramidDrop) ------------------------------------------------------------------------
+    # -- in-LLM (FastV, DART, PyramidDrop, SparseVLM) -------------------------------------------------------------
     def _fastv_pre_hook(self, module, args, kwargs):
         bound = self._bind(args, kwargs)
         if not (self._has_pixels(bound) or bound.get("mm_encoder_outputs")):
@@ -337,7 +348,7 @@ class HookingAdapter(ModelAdapter):
     # -- LLaMA-style language model ----------------------------------------------------------------------
     @staticmethod
     def ranking_layers(model, requirements) -> list[int]:
-        """Decoder layers whose outputs are pruned: FastV/DART's K - 1, or one per PyramidDrop stage."""
+        """Decoder layers whose outputs are pruned: FastV/DART's K - 1, or one per PyramidDrop/SparseVLM stage."""
         depth = len(model.model.language_model.layers)
         if not requirements.stage_fractions:
             layer = requirements.text_attention_layer

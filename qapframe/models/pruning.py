@@ -40,7 +40,7 @@ class ImageSelection:
     """What survived of one image: indices into its N tokens (ascending) and appended merged tokens."""
 
     keep_index: torch.Tensor  # [K] int64, ascending
-    extra_tokens: torch.Tensor | None  # [M, D]
+    extra_tokens: torch.Tensor | None  # [M, D] pre-LLM: embeddings the LLM receives; in-LLM: merged hidden states
     scores: torch.Tensor  # [P] scores of the prunable tokens
 
     @property
@@ -68,17 +68,22 @@ def select_per_image(
     seed: int,
     text_attention: list[torch.Tensor] | None = None,  # per image [N]
     targets: list[int] | None = None,  # per image prunable tokens to keep; None = the pruner's budget
+    rater_attention: list[torch.Tensor] | None = None,  # per image [R_i, N]: its text raters' attention rows
+    adaptive: bool = False,  # the targets are a stage's plan, which the pruner may adapt per image
 ) -> list[ImageSelection]:
     """Score and select each image's prunable tokens; images with equal token counts share one batch.
 
     Scores are normalized per context row by the scorers, i.e. per image over all of its crops.
     ``targets`` (multi-stage in-LLM pruning) overrides the pruner's budget with a per-image count.
+    ``adaptive`` selects each image on its own (``ScoringContext.adaptive_budget``), since a pruner that
+    adapts the plan per image (SparseVLM) may keep different counts for images of one size.
     """
     out: list[ImageSelection | None] = [None] * len(images)
-    groups: dict[tuple[int, int | None], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
-        groups.setdefault((int(image.prunable.sum()), None if targets is None else targets[i]), []).append(i)
-    for (count, target), members in groups.items():
+        key = (int(image.prunable.sum()), None if targets is None else targets[i], i if adaptive else None)
+        groups.setdefault(key, []).append(i)
+    for (count, target, _), members in groups.items():
         idx = [images[i].prunable.nonzero().squeeze(-1) for i in members]  # [P] each
 
         def stack(get):
@@ -89,6 +94,11 @@ def select_per_image(
         if all(images[i].text_embeds is not None for i in members):
             text, text_mask = stack_padded([images[i].text_embeds for i in members], 0.0, right_pad=True)
             text_mask = text_mask.bool()  # [G, T]
+        raters, rater_mask = None, None
+        if rater_attention is not None:
+            rows = [rater_attention[i][:, j] for i, j in zip(members, idx)]  # [R_i, P] each
+            raters, rater_mask = stack_padded(rows, 0.0, right_pad=True)  # [G, R, P], [G, R]
+            rater_mask = rater_mask.bool()
         group_pruner = pruner if target is None else type(pruner)(
             pruner.config.model_copy(update={"num_tokens": max(1, target), "retention": 1.0})
         )
@@ -104,6 +114,9 @@ def select_per_image(
             llm_hidden=stack(lambda im: im.llm_hidden),  # [G, P, D]
             llm_keys=stack(lambda im: im.llm_keys),  # [G, P, Dk]
             activation_error=stack(lambda im: im.activation_error),  # [G, P]
+            rater_attention=raters,  # [G, R, P]
+            rater_mask=rater_mask,  # [G, R]
+            adaptive_budget=adaptive and target is not None,
             quant=quant,
             seed=seed,
         )

@@ -19,8 +19,9 @@ In-LLM pruning (FastV, DART, PyramidDrop) needs nothing more: kept tokens keep t
 [CLS] stand-in: Qwen's vision tower has no [CLS]. ``ImageTokens.cls_attention`` is the mean attention each
 merged token receives in the tower's last full-attention block (Qwen2.5-VL: ``fullatt_block_indexes[-1]``,
 the others window; Qwen2-VL and Qwen3-VL: every block is full, so the last), mean over heads and over the
-queries of its frame (no attention crosses frames or images: ``cu_seqlens``), then averaged over the
-``merge^2`` patches it merges. It is recomputed from that block's fused ``qkv`` output and rotary
+queries of its frame (no attention crosses frames or images: ``cu_seqlens``; beyond `stand_in_queries`
+patches per frame, an evenly strided subset of the queries, so that the stand-in costs O(S) rather than
+O(S^2)), then averaged over the ``merge^2`` patches it merges. It is recomputed from that block's fused ``qkv`` output and rotary
 embeddings, so it works under sdpa. ``ImageTokens.keys`` is the mean key of those patches (mean over heads,
 before the rotary embedding, so that it compares content as VisionZip's merge does).
 
@@ -47,8 +48,9 @@ class FusedQKVCapture:
     """Hooks one Qwen vision attention module; per call keeps the received attention ``[S]`` and the
     pre-rotary keys averaged over heads ``[S, Dh]``, in the block's token order."""
 
-    def __init__(self, attention: torch.nn.Module):
+    def __init__(self, attention: torch.nn.Module, max_queries: int | None = None):
         self.attention = attention
+        self.max_queries = max_queries  # see `QwenVLAdapter.stand_in_queries`
         self.enabled = False
         self.result: tuple[torch.Tensor, torch.Tensor] | None = None
         self._qkv: torch.Tensor | None = None
@@ -72,7 +74,8 @@ class FusedQKVCapture:
         q, k, _ = self._qkv.reshape(s, 3, heads, -1).unbind(1)  # [S, H, Dh] each
         rotate = modeling_function(module, "apply_rotary_pos_emb_vision")
         q_rot, k_rot = rotate(q, k, cos, sin)
-        received = packed_received_attention(q_rot, k_rot, float(module.scaling), cu_seqlens)
+        received = packed_received_attention(q_rot, k_rot, float(module.scaling), cu_seqlens,
+                                             max_queries=self.max_queries)
         self.result = (received, k.float().mean(dim=1))
         self._qkv = None
 
@@ -90,6 +93,9 @@ class QwenVLAdapter(HookingAdapter):
     """Shared by the Qwen-VL generations; a subclass names its model class and scoring block."""
 
     model_class: ClassVar[str] = ""  # the transformers class this adapter handles
+    # Queries per frame that the [CLS] stand-in averages over: an evenly strided subset once a frame has more
+    # patches (an estimate of the full mean, O(queries x patches) instead of O(patches^2)); None = all.
+    stand_in_queries: ClassVar[int | None] = 512
     feature_methods = ("get_image_features", "get_video_features")
     pixel_keys = ("pixel_values", "pixel_values_videos")
     vision_keys = (
@@ -113,7 +119,7 @@ class QwenVLAdapter(HookingAdapter):
         return model.model.visual.blocks[self.feature_block(model)].attn
 
     def vision_capture(self, model):
-        return FusedQKVCapture(self.feature_attention(model))
+        return FusedQKVCapture(self.feature_attention(model), self.stand_in_queries)
 
     def block_order(self, model, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Merged-token order inside the vision blocks (``[N]`` indices), None when it is the output order."""

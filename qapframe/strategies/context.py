@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,12 @@ class Requirements:
     stage_fractions: tuple[float, ...] = ()
     llm_hidden: bool = False  # in-LLM: the vision tokens' hidden states and keys at the ranking layer (DART)
     activation_error: bool = False  # the pipeline's activation quantizer's error on each token (hybrid e_mode=pipeline)
+    # In-LLM: the attention rows of each image's text raters to its vision tokens at every ranking layer (SparseVLM).
+    rater_attention: bool = False
+    # Which text tokens after an image rate it, chosen once from the LLM input embeddings before the first layer:
+    # ``(vision [N, D], text [T, D]) -> [T] bool``. A function, so that the rule stays with the strategy that
+    # defines it while the adapter computes the rows; None = every text token after the image.
+    text_raters: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def in_llm(self) -> bool:
@@ -39,6 +46,9 @@ class Requirements:
         if len(layers) > 1:
             raise ValueError(f"scorers ask for text attention at different LLM layers: {sorted(layers)}")
         stages = {self.stage_fractions, other.stage_fractions} - {()}
+        raters = {self.text_raters, other.text_raters} - {None}
+        if len(raters) > 1:
+            raise ValueError(f"strategies choose their text raters by different rules: {sorted(map(repr, raters))}")
         if len(stages) > 1 or (stages and layers):
             raise ValueError(
                 f"strategies ask for different in-LLM pruning points: layer {sorted(layers)} and stages {sorted(stages)}"
@@ -51,6 +61,8 @@ class Requirements:
             stage_fractions=stages.pop() if stages else (),
             llm_hidden=self.llm_hidden or other.llm_hidden,
             activation_error=self.activation_error or other.activation_error,
+            rater_attention=self.rater_attention or other.rater_attention,
+            text_raters=raters.pop() if raters else None,
         )
 
 
@@ -68,6 +80,11 @@ class ScoringContext:
     llm_keys: torch.Tensor | None = None  # [B, N, Hkv * Dh] in-LLM: their keys at the ranking layer (rotary applied)
     quant: QuantSettings | None = None  # the pipeline's activation quantizer, if any
     activation_error: torch.Tensor | None = None  # [B, N] ||x - Q(x)||_2 by the pipeline's first activation quantizer
+    rater_attention: torch.Tensor | None = None  # [B, R, N] in-LLM: each text rater's attention row, mean over heads
+    rater_mask: torch.Tensor | None = None  # [B, R] bool, True = a real rater (padding rows of rater_attention are 0)
+    # In-LLM, a stage before the last: the budget is the stage's planned count, which a pruner may adapt per image
+    # (SparseVLM's rank rule); each image then comes alone (B = 1). False: the budget must be met exactly.
+    adaptive_budget: bool = False
     seed: int = 0
     extras: dict = field(default_factory=dict)  # room for plugin scorers' adapter-provided data
 

@@ -247,8 +247,9 @@ def test_remove_restores_unmodified_behaviour(models, inputs, name):
     assert torch.equal(model(**inputs).logits, ref)
 
 
-def _eager_received(monkeypatch, name, inputs):
-    """Per merged token: mean attention received in the scoring block, from eager attention weights."""
+def _eager_received(monkeypatch, name, inputs, cap=None):
+    """Per merged token: mean attention received in the scoring block, from eager attention weights
+    (``cap``: only every ceil(S / cap)-th query of a frame of S patches counts, in the block's token order)."""
     import sys
 
     eager = BUILD[name](attn_implementation="eager")
@@ -265,7 +266,8 @@ def _eager_received(monkeypatch, name, inputs):
 
     monkeypatch.setattr(module, "eager_attention_forward", recording)
     eager.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    received = torch.cat([w[0].mean(dim=(0, 1)) for w in seen])  # [S] in block order
+    stride = [1 if cap is None else -(-w.shape[-1] // cap) for w in seen]
+    received = torch.cat([w[0, :, ::k].mean(dim=(0, 1)) for w, k in zip(seen, stride)])  # [S] in block order
     merged = received.view(-1, 4).mean(dim=1)
     if name == "qwen2_5_vl":
         merged = merged[torch.argsort(ADAPTERS[name]().block_order(eager, inputs["image_grid_thw"]))]
@@ -287,6 +289,28 @@ def test_cls_stand_in_is_the_eager_attention_each_merged_token_receives(models, 
         assert (im.cls_attention - exp).abs().max() <= 1e-6
         assert torch.equal(score.argsort(), im.cls_attention.argsort())  # VisionZip ranks by it
         assert im.keys.shape == (im.num_tokens, 8)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl"])
+def test_cls_stand_in_averages_a_strided_subset_of_queries_beyond_its_cap(models, inputs, name, monkeypatch):
+    """With fewer allowed queries than a frame's patches, the stand-in is the eager attention received from
+    every ceil(S / cap)-th query of a frame of S patches (an estimate of the full mean, which it is not)."""
+    cap = int(inputs["image_grid_thw"].prod(-1).min()) // 3  # strides of 3 and more on every image
+    monkeypatch.setattr(type(ADAPTERS[name]()), "stand_in_queries", cap)
+    model = models[name]
+    install(model, ("visionzip", {}), "topk", retention=0.5)
+    try:
+        model(**inputs)
+        images = model.qapframe_installation.latest_images
+    finally:
+        remove(model)
+    strided = _eager_received(monkeypatch, name, inputs, cap=cap)
+    full = _eager_received(monkeypatch, name, inputs)
+    for im, exp, everything in zip(images, strided, full):
+        assert (im.cls_attention - exp).abs().max() <= 1e-6
+        # The tiny tower attends almost uniformly (1/96 per patch), so the subset moves the mean only ~1e-5:
+        # still well outside the 1e-6 match above.
+        assert (im.cls_attention - everything).abs().max() > 5e-6
 
 
 def test_video_clip_is_pruned_across_its_frames(models):
@@ -421,26 +445,30 @@ def _m_rope_positions(model, inputs, extra_ids=None):
 
 
 IN_LLM_CASES = [("qwen2_vl", "fastv"), ("qwen2_5_vl", "fastv"), ("qwen2_5_vl", "dart"),
-                ("qwen2_5_vl", "pyramiddrop"), ("qwen3_vl", "fastv")]
+                ("qwen2_5_vl", "pyramiddrop"), ("qwen3_vl", "fastv"), ("qwen2_vl", "sparsevlm"),
+                ("qwen2_5_vl", "sparsevlm")]
 
 
 @pytest.mark.parametrize("name, method", IN_LLM_CASES)
 def test_in_llm_pruning_keeps_the_3d_positions(models, inputs, name, method):
     """In-LLM pruning under real M-RoPE (left padding, different prompt lengths and grids): prefill logits equal
     the unmodified model's later layers recomputed on the kept tokens at their original 3-D positions, and
-    cached `generate` matches that reference token for token."""
-    from tests.models.test_strategies_on_adapters import install, remove, staged_reference
+    cached `generate` matches that reference token for token. SparseVLM's merged tokens take their image's last
+    placeholder's 3-D position."""
+    from tests.models.test_strategies_on_adapters import check_merged_slots, install, remove, staged_reference
 
     model = models[name]
     install(model, method, 0.25)
     try:
         logits = model(**inputs).logits
-        state = model.qapframe_last_selection["state"]
+        state, spans = model.qapframe_last_selection["state"], model.qapframe_last_selection["spans"]
         layers = list(model.qapframe_installation.inllm.layers)
         tokens = gen(model, inputs)
         generate_state = model.qapframe_last_selection["state"]
     finally:
         remove(model)
+    if method == "sparsevlm":
+        check_merged_slots(state, spans, inputs["input_ids"].shape[1])
     rest = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
     expected, kept = staged_reference(model, rest, state, layers, positions=_m_rope_positions(model, inputs))
     assert (logits[kept] - expected[kept]).abs().max() <= 1e-4

@@ -92,8 +92,11 @@ METHODS = {  # name -> (scorer, pruner)
     "fastv": ({"name": "fastv", "k": 2}, {"name": "topk"}),
     "dart": ({"name": "fastv", "k": 2}, {"name": "dart", "k": 2, "num_pivots": 2}),
     "pyramiddrop": ({"name": "pyramiddrop", "stages": [0.25, 0.5, 0.75]}, {"name": "topk"}),
+    # the paper's 3/32, 7/32, 1/2 cannot be three distinct layers of a 4-layer LLM: layers 0, 1, 2
+    "sparsevlm": ({"name": "sparsevlm", "stages": [0.25, 0.5, 0.75]}, {"name": "sparsevlm"}),
 }
-IN_LLM = {"fastv", "dart", "pyramiddrop"}
+IN_LLM = {"fastv", "dart", "pyramiddrop", "sparsevlm"}
+STAGES = {"pyramiddrop": 3, "sparsevlm": 3}  # in-LLM pruning stages (others: 1)
 NEW = 4
 
 _cache: dict = {}
@@ -174,7 +177,9 @@ def test_batch_equals_single_runs(adapter, method):
 def staged_reference(model, inputs, state, layers, extra_ids=None, generate_positions=False, positions=None):
     """Logits of the unmodified model run layer by layer: dense up to the first ranking layer, then each
     stage's layers on that stage's kept prompt tokens (plus every token in ``extra_ids [B, T]``), at their
-    original positions: ``positions [B, L + T]`` or M-RoPE's ``[3, B, L + T]`` when given, else 1-D ones."""
+    original positions: ``positions [B, L + T]`` or M-RoPE's ``[3, B, L + T]`` when given, else 1-D ones.
+    A merged token (id L + j) enters at the first stage that lists it, as ``state.merged[:, j]``, at the
+    position ``StageState.position_index`` names."""
     lm = model.model.language_model
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     length = ids.shape[1]
@@ -190,16 +195,25 @@ def staged_reference(model, inputs, state, layers, extra_ids=None, generate_posi
     bounds = layers + [len(lm.layers) - 1]
     b, t = ids.shape[0], ids.shape[1] - length
     tail = torch.arange(length, length + t).expand(b, t)
-    h = None
+    merged = state.merged  # [B, M, D] or None
+    h = previous = None
     for s, stage in enumerate(state.stages):
-        index = torch.cat([stage.keep_index, tail], 1)  # [B, L_s + T] original positions
+        # reference ids: prompt positions, then the T decode tokens, then the merged tokens
+        own = torch.where(stage.keep_index >= length, stage.keep_index + t, stage.keep_index)
+        index = torch.cat([own, tail], 1)  # [B, L_s + T]
         kept = torch.cat([stage.kept_mask.bool(), torch.ones(b, t, dtype=torch.bool)], 1)
+        source = h_full if h is None else h
         if h is None:
-            h = h_full.gather(1, index[..., None].expand(-1, -1, h_full.shape[-1]))
+            local = index  # h_full holds every prompt and decode token; merged ones follow it
         else:  # this stage's tokens within the previous stage's sequence (its padding slots match nothing)
-            local = torch.stack([(previous[r][:, None] == index[r][None]).float().argmax(0) for r in range(b)])
-            h = h.gather(1, local[..., None].expand(-1, -1, h.shape[-1]))
-        pos = positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape))
+            match = index[:, :, None] == previous[:, None, :]
+            local = torch.where(match.any(-1), match.float().argmax(-1), h.shape[1] + index - (length + t))
+        if merged is not None:
+            source = torch.cat([source, merged], 1)
+        local = local.clamp(0, source.shape[1] - 1)  # padding slots: anything
+        h = source.gather(1, local[..., None].expand(-1, -1, source.shape[-1]))
+        where = torch.cat([stage.position_index, tail], 1)
+        pos = positions.gather(-1, where.expand(*positions.shape[:-2], *where.shape))
         cos, sin = lm.rotary_emb(h, position_ids=pos)
         n = h.shape[1]
         allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & kept[:, None, :]
@@ -209,6 +223,27 @@ def staged_reference(model, inputs, state, layers, extra_ids=None, generate_posi
             h = h[0] if isinstance(h, tuple) else h
         previous = index.masked_fill(~kept, -1)
     return model.lm_head(lm.norm(h)), kept
+
+
+def check_merged_slots(state, spans, length):
+    """Every merged token sits right after its image's tokens (before the text after the image) and takes the
+    image's last placeholder position; every stage of a SparseVLM run below full retention made some."""
+    assert state.merged is not None
+    for stage in state.stages:
+        for row in range(stage.keep_index.shape[0]):
+            real = stage.kept_mask[row].bool()
+            ids, where = stage.keep_index[row][real].tolist(), stage.position_index[row][real].tolist()
+            images = [pos for r, pos in spans if r == row]
+            for slot, (token, at) in enumerate(zip(ids, where)):
+                if token < length:
+                    assert at == token
+                    continue
+                image = next(pos for pos in images if int(pos[-1]) == at)
+                before = ids[slot - 1]
+                assert before >= length or before in image.tolist()
+                if slot + 1 < len(ids):
+                    after = ids[slot + 1]
+                    assert after >= length or after > int(image[-1])
 
 
 @pytest.mark.parametrize("method", sorted(IN_LLM))
@@ -223,7 +258,9 @@ def test_in_llm_prefill_equals_recomputing_later_layers_on_kept_tokens(adapter, 
     finally:
         remove(model)
     state = info["state"]
-    assert len(state.stages) == (3 if method == "pyramiddrop" else 1)
+    assert len(state.stages) == STAGES.get(method, 1)
+    if method == "sparsevlm":
+        check_merged_slots(state, info["spans"], inputs["input_ids"].shape[1])
     expected, kept = staged_reference(model, inputs, state, layers)
     assert logits.shape == expected.shape
     assert (logits[kept] - expected[kept]).abs().max() <= 1e-4
@@ -240,11 +277,13 @@ def test_in_llm_generate_matches_the_staged_reference_token_for_token(adapter, m
     install(model, method, 0.25)
     try:
         tokens = gen(model, inputs)
-        state = model.qapframe_last_selection["state"]
+        state, spans = model.qapframe_last_selection["state"], model.qapframe_last_selection["spans"]
         layers = list(model.qapframe_installation.inllm.layers)
     finally:
         remove(model)
     length = inputs["input_ids"].shape[1]
+    if method == "sparsevlm":  # the cache holds merged tokens too
+        check_merged_slots(state, spans, length)
     new = tokens[:, length:]
     for step in range(NEW):
         logits, _ = staged_reference(model, inputs, state, layers, new[:, :step], generate_positions=True)
@@ -281,3 +320,66 @@ def test_stages_that_collapse_onto_one_layer_are_refused(adapter):
         adapter_for(model).install(model, scorer, PRUNERS.get("topk")(retention=0.5))
     assert getattr(model, "qapframe_installation", None) is None
     assert "get_image_features" not in vars(model.model)  # nothing was left half-installed
+
+
+def test_sparsevlm_raters_follow_the_image_and_are_chosen_by_relevance():
+    """Each image's raters: the text tokens after it whose relevance (input embeddings) is at least the mean."""
+    from qapframe.strategies.scorers.sparsevlm import text_raters
+
+    model, inputs, _ = setup("llava")
+    install(model, "sparsevlm", 0.25)
+    try:
+        model(**inputs)
+        info = model.qapframe_last_selection
+        images = model.qapframe_installation.latest_images
+    finally:
+        remove(model)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    for raters, (row, pos), image in zip(info["raters"], info["spans"], images):
+        after = inputs["attention_mask"][row].bool() & (inputs["input_ids"][row] != model.config.image_token_id)
+        after[: int(pos[-1]) + 1] = False
+        candidates = after.nonzero().squeeze(-1)
+        assert candidates.numel() > 1
+        expected = candidates[text_raters(image.features, embeds[row, candidates])]
+        assert torch.equal(raters, expected)
+    # the raters' rows are what the scorer averaged at the first stage
+    first = info["stages"][0]
+    for rows, sel in zip(first["rater_attention"], first["selections"]):
+        assert rows.shape[0] >= 1 and torch.allclose(rows.mean(0), sel.scores)
+
+
+def test_in_llm_context_without_an_in_llm_scorer_is_refused():
+    model, _, _ = setup("llava")
+    with pytest.raises(ValueError, match="needs context from inside the LLM"):
+        adapter_for(model).install(model, SCORERS.get("l2norm")(), PRUNERS.get("sparsevlm")(retention=0.5))
+    assert getattr(model, "qapframe_installation", None) is None
+    assert "get_image_features" not in vars(model.model)
+
+
+QUANTIZER_CASES = ["rtn-w4a4", "gptq-w4a16-actorder", "awq-w4a8", "smoothquant-w8a8"]
+
+
+@pytest.mark.parametrize("case", QUANTIZER_CASES)
+def test_sparsevlm_in_a_pipeline_with_every_quantizer(case):
+    """Quantized (calibrated on unpruned prompts), then SparseVLM installed from spec dicts: the pruned prefill is
+    still the quantized model's later layers recomputed on the kept and merged tokens, at the budget."""
+    from qapframe.pipeline import Pipeline
+    from qapframe.quantizers.base import QUANTIZERS
+    from tests.quantizers.test_llava import CASES
+
+    assert {CASES[c]["name"] for c in QUANTIZER_CASES} == {e.name for e in QUANTIZERS.entries() if e.source == "built-in"}
+    scorer, pruner = METHODS["sparsevlm"]
+    calibration = [llava_inputs(1, prompt_lengths=[4 + i % 3], seed=i) for i in range(4)]
+    model = Pipeline(CASES[case], scorer, {**pruner, "retention": 0.25}).apply(tiny_llava(seed=0, num_layers=4), calibration)
+    inputs = llava_inputs(3, [4, 9, 2], seed=1)
+    try:
+        logits = model(**inputs).logits
+        info = model.qapframe_last_selection
+        layers = list(model.qapframe_installation.inllm.layers)
+        tokens = gen(model, inputs)
+    finally:
+        remove(model)
+    assert [s.num_tokens for s in info["selections"]] == [4, 4, 4]  # 25 % of 16, merged tokens included
+    expected, kept = staged_reference(model, inputs, info["state"], layers)
+    assert (logits[kept] - expected[kept]).abs().max() <= 1e-4
+    assert tokens.shape == (3, inputs["input_ids"].shape[1] + NEW)

@@ -1,3 +1,5 @@
 """Built-in scorers; importing this package registers them."""
 
-from qapframe.strategies.scorers import baselines, cdpruner, fastv, fused, hybrid, pyramiddrop, visionzip  # noqa: F401
+from qapframe.strategies.scorers import (  # noqa: F401
+    baselines, cdpruner, fastv, fused, hybrid, pyramiddrop, sparsevlm, visionzip,
+)
