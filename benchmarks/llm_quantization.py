@@ -53,6 +53,15 @@ for _setting, _acts in (("W4A4 per-token", W4A4_TOKEN), ("W4A4 static", W4A4_STA
         _spec = {"name": _method, **_acts}
         ROWS.append((_setting, _method, _spec))
         ROWS.append((_setting, f"{_method} + hadamard", {**_spec, **ROTATION}))
+ROWS.append(("W4A4 per-token", "llm-compressor spinquant + gptq", "peer:spinquant_gptq_w4a4"))
+# Asymmetric per-token activations (a zero point per token): after SiLU and the rotation, token ranges are
+# lopsided, and a symmetric grid wastes half its codes on the empty side.
+for _method in ("rtn", "gptq"):
+    ROWS.append(("W4A4 per-token asym", f"{_method} + hadamard",
+                 {"name": _method, **W4A4_TOKEN, "act_symmetric": False, **ROTATION}))
+for _method in ("rtn", "smoothquant"):
+    ROWS.append(("W8A8 per-token asym", _method, {"name": _method, "scheme": "W8A8", "group_size": -1,
+                                                  "symmetric": True, "act_symmetric": False}))
 
 
 def row_key(setting: str, method: str) -> str:
@@ -137,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="*", help="only rows whose 'setting | method' contains one of these")
     parser.add_argument("--peer-python", type=Path, help="python of a virtualenv with llmcompressor installed")
     parser.add_argument("--out", type=Path, help="JSON written as rows finish")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --out (same data settings required), replacing those re-run")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -150,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         common = {"model": str(model_dir), "data": str(workdir / "data.pt"), "seq_len": args.seq_len,
                   "threads": args.threads}
         payload = {"model": args.model, "text": args.text, **data_info, "threads": args.threads, "rows": []}
+        if args.append and args.out is not None and args.out.is_file():
+            earlier = json.loads(args.out.read_text())
+            settings = ("model", "text", "calibration_windows", "eval_tokens", "seq_len", "threads")
+            if any(earlier.get(k) != payload[k] for k in settings):
+                raise SystemExit(f"--append: {args.out} was measured with other settings "
+                                 f"({ {k: earlier.get(k) for k in settings} })")
+            wanted = {row_key(r[0], r[1]) for r in rows}
+            payload["rows"] = [r for r in earlier["rows"] if row_key(r["setting"], r["method"]) not in wanted]
         print(f"{args.model}: {data_info['calibration_windows']} calibration windows of {args.seq_len} tokens, "
               f"{data_info['eval_tokens']} held-out tokens")
         print(f"{'setting':16s} {'method':24s} {'ppl':>9s} {'quant s':>8s} {'peak MiB':>9s}")

@@ -27,18 +27,34 @@ def load_perplexity_module(path: str):
     return module
 
 
+RECIPES = ("gptq_w4a16", "spinquant_gptq_w4a4")
+
+
 def recipe_of(request: dict):
-    """The llm-compressor modifiers for ``request['recipe']``: gptq_w4a16 (group-wise weights) so far."""
+    """The llm-compressor modifiers for ``request['recipe']``:
+
+    - ``gptq_w4a16``: GPTQ, group-wise 4-bit weights;
+    - ``spinquant_gptq_w4a4``: SpinQuant's rotations without learning (R1 residual, R2 per head, R4 online on
+      down_proj's input; random Hadamards), then GPTQ with 4-bit weights and 4-bit dynamic per-token
+      activations (symmetric, as qapframe's W4A4 per-token rows).
+    """
     from llmcompressor.modifiers.quantization import GPTQModifier
 
+    weights = {"num_bits": 4, "type": "int", "symmetric": request["symmetric"], "strategy": "group",
+               "group_size": request["group_size"]}
+    gptq = dict(ignore=["lm_head"], dampening_frac=request["dampening"], block_size=request["block_size"])
     if request["recipe"] == "gptq_w4a16":
-        weights = {"num_bits": 4, "type": "int", "symmetric": request["symmetric"], "strategy": "group",
-                   "group_size": request["group_size"]}
-        return [GPTQModifier(
-            config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-            ignore=["lm_head"], dampening_frac=request["dampening"], block_size=request["block_size"],
-        )]
-    raise SystemExit(f"unknown recipe {request['recipe']!r}; known: gptq_w4a16")
+        return [GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, **gptq)]
+    if request["recipe"] == "spinquant_gptq_w4a4":
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        activations = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+        return [
+            SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="random-hadamard"),
+            GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights,
+                                                    "input_activations": activations}}, **gptq),
+        ]
+    raise SystemExit(f"unknown recipe {request['recipe']!r}; known: {', '.join(RECIPES)}")
 
 
 def main() -> None:
