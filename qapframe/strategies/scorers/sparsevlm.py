@@ -14,11 +14,11 @@ fractions 3/32, 7/32, 1/2 of the depth); the `sparsevlm` pruner adds the rank-ba
 from __future__ import annotations
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from qapframe.strategies.base import SCORERS, Scorer
 from qapframe.strategies.context import Requirements, ScoringContext
-from qapframe.strategy import StrategyConfig
+from qapframe.strategies.scorers.pyramiddrop import PyramidDropConfig
 
 
 def text_raters(vision: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -29,20 +29,15 @@ def text_raters(vision: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return relevance >= relevance.mean()
 
 
-class SparseVLMConfig(StrategyConfig):
+class SparseVLMConfig(PyramidDropConfig):
+    """PyramidDrop's staging (the same validated fractions), with SparseVLM's pruning layers as the default."""
+
     stages: list[float] = Field(
         [3 / 32, 7 / 32, 0.5],
         min_length=1,
         description="first layer of each pruned stage as a fraction of the LLM's depth, ascending in (0, 1) "
         "(default: after layers 2, 6, 15 of 32, the paper's)",
     )
-
-    @field_validator("stages")
-    @classmethod
-    def _ascending(cls, value: list[float]) -> list[float]:
-        if any(not 0.0 < f < 1.0 for f in value) or sorted(set(value)) != value:
-            raise ValueError(f"stages must be distinct, ascending fractions in (0, 1), got {value}")
-        return value
 
 
 @SCORERS.register("sparsevlm")
