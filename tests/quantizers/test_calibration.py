@@ -143,7 +143,8 @@ def test_calibration_dequantizes_each_weight_once_per_block_and_keeps_no_copy(mo
 def test_inputs_differing_only_in_hidden_states_run_as_one_batch():
     """Same-length windows coalesce (padding masks of another length do not); observers still get each
     input's real tokens apart, and a full pass returns one output per input, as one-by-one calls do."""
-    from qapframe.quantizers.calibration import BlockData, BlockInput, coalesce
+    from qapframe.quantizers.block_inputs import BlockInput, coalesce
+    from qapframe.quantizers.calibration import BlockData
 
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()

@@ -194,12 +194,12 @@ def test_shortened_calibration_passes_give_identical_weights(monkeypatch, batch_
     """Each Hessian pass stops after its Linears (and q/k/v share one Hessian): same codes as full passes,
     whether the inputs run one by one or coalesced into a batch."""
     import qapframe
-    from qapframe.quantizers import calibration as calibration_module
+    from qapframe.quantizers import block_inputs
     from qapframe.quantizers import gptq
     from qapframe.quantizers.calibration import BlockData
     from tests.tiny_models import llava_inputs, tiny_llava
 
-    monkeypatch.setattr(calibration_module, "BATCH_TOKENS", batch_tokens)
+    monkeypatch.setattr(block_inputs, "BATCH_TOKENS", batch_tokens)
     monkeypatch.setattr(gptq, "_one_pass", gptq._multi_pass)  # the schedule under test
     calibration = [llava_inputs(1, seed=i) for i in range(3)]
     spec = {"name": "gptq", "scheme": "W4A16", "group_size": 32}
