@@ -19,14 +19,17 @@ import torch
 from qapframe.strategies.base import PRUNERS, Pruner, Selection
 from qapframe.strategies.context import ScoringContext
 from qapframe.strategies.normalization import minmax
-from qapframe.strategies.pruners.selection import cosine_similarity_matrix, greedy_dpp_map
+from qapframe.strategies.pruners.selection import greedy_dpp_map, symmetric_gram, unit_rows
 
 
 def conditional_kernel(embeds: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """``embeds [B, N, D]``, ``relevance [B, N]`` -> ``L = diag(r) S diag(r)`` ``[B, N, N]``."""
-    similarity = cosine_similarity_matrix(embeds)
-    r = relevance.to(similarity.dtype)
-    return r[:, :, None] * similarity * r[:, None, :]
+    """``embeds [B, N, D]``, ``relevance [B, N]`` -> ``L = diag(r) S diag(r)`` ``[B, N, N]``.
+
+    Formed as the Gram matrix of the unit tokens scaled by their relevance, ``L_ij = (r_i u_i) . (r_j u_j)``:
+    the same kernel without two N x N elementwise passes.
+    """
+    unit = unit_rows(embeds)
+    return symmetric_gram(relevance.to(unit.dtype)[:, :, None] * unit)
 
 
 @PRUNERS.register("cdpruner")

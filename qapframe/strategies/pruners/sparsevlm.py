@@ -77,6 +77,9 @@ def density_peak_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
     x = x.double()  # float64 Gram matrix: fast (one matmul) yet exact enough for the comparisons below
     r, d = x.shape
     gram = x @ x.transpose(0, 1)  # [R, R]
+    # Exactly symmetric, so mutual nearest neighbours get bit-equal densities and their tie goes to the
+    # earlier token (a matmul may round g_ij and g_ji differently).
+    gram = (gram + gram.transpose(0, 1)) / 2
     squared = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0).fill_diagonal_(0)
     dist = squared.sqrt() / d**0.5  # [R, R]
     nearest = dist.topk(min(clusters, r), dim=-1, largest=False).values  # [R, k], self (0) included

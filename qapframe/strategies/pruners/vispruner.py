@@ -14,7 +14,7 @@ from pydantic import Field
 
 from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, keep_top_k
 from qapframe.strategies.context import ScoringContext
-from qapframe.strategies.pruners.selection import cosine_similarity_matrix
+from qapframe.strategies.pruners.selection import unit_rows
 
 
 class VisPrunerConfig(PrunerConfig):
@@ -31,15 +31,14 @@ def remove_duplicates(embeds: torch.Tensor, candidates: torch.Tensor, target: in
     |A|, at most the excess); ties keep the earlier token.
     """
     rows = candidates
+    unit = unit_rows(embeds)  # [B, N, D], normalised once for every round
     while rows.shape[1] > target:
         excess = rows.shape[1] - target
         a, b_ = rows[:, 0::2], rows[:, 1::2]
         if b_.shape[1] == 0:  # one candidate left and target 0
             return rows[:, :target]
-        take = lambda idx: embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1]))  # noqa: E731
-        unit_a = torch.nn.functional.normalize(take(a).float(), dim=-1)
-        unit_b = torch.nn.functional.normalize(take(b_).float(), dim=-1)
-        redundancy = (unit_a @ unit_b.transpose(1, 2)).amax(dim=-1)  # [B, |A|]
+        take = lambda idx: unit.gather(1, idx[..., None].expand(-1, -1, unit.shape[-1]))  # noqa: E731
+        redundancy = (take(a) @ take(b_).transpose(1, 2)).amax(dim=-1)  # [B, |A|]
         drop = min(excess, a.shape[1])
         kept_a = keep_top_k(-redundancy, a.shape[1] - drop)  # positions within A, ascending
         rows = torch.cat([a.gather(1, kept_a), b_], dim=1).sort(dim=-1).values

@@ -57,6 +57,19 @@ def test_selection_is_greedy_map_of_diag_r_S_diag_r(seed, keep):
             assert abs(log_det(kernel, sel.keep_index[b]) - log_det(kernel, torch.tensor(chosen))) <= 1e-6
 
 
+def test_conditional_kernel_is_diag_r_S_diag_r_across_strips():
+    from qapframe.strategies.pruners.cdpruner import conditional_kernel
+
+    g = torch.Generator().manual_seed(3)
+    embeds, relevance = torch.randn(2, 300, 24, generator=g), torch.rand(2, 300, generator=g)
+    unit = embeds.double() / embeds.double().norm(dim=-1, keepdim=True)
+    r = relevance.double()
+    expected = r[:, :, None] * (unit @ unit.transpose(1, 2)) * r[:, None, :]
+    kernel = conditional_kernel(embeds, relevance)
+    assert torch.equal(kernel, kernel.transpose(1, 2))
+    torch.testing.assert_close(kernel.double(), expected, atol=1e-6, rtol=0)
+
+
 def test_hybrid_relevance_plugs_into_the_kernel():
     """With the hybrid as scorer, the DPP's relevance is minmax(hybrid score): alpha=1 equals plain CDPruner."""
     ctx = context(3)

@@ -131,3 +131,15 @@ def test_numba_dpp_map_in_float32_keeps_the_torch_picks_on_cdpruners_shapes():
     numba_picks, torch_picks = greedy_dpp_map(kernel, 288, relevance), greedy_dpp_map_torch(kernel, 288, relevance)
     agree = (numba_picks == torch_picks).float().mean().item()
     assert agree == 1.0, f"{agree:.3f} of picks agree"
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 300), d=st.integers(1, 40), b=st.integers(1, 2))
+def test_cosine_similarity_matrix_is_symmetric_and_matches_float64(seed, n, d, b):
+    """The strip-wise upper triangle, mirrored, across strip edges (N up to 300 spans three strips)."""
+    x = torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+    similarity = cosine_similarity_matrix(x)
+    unit = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    assert similarity.dtype == torch.float32 and similarity.shape == (b, n, n)
+    assert torch.equal(similarity, similarity.transpose(1, 2))
+    torch.testing.assert_close(similarity.double(), unit @ unit.transpose(1, 2), atol=1e-5, rtol=0)

@@ -115,6 +115,18 @@ def test_selection_matches_the_slow_rule(seed, sizes, tau, theta, adaptive, data
             assert sel.num_tokens == min(budget, image.num_tokens)
 
 
+def test_mutual_nearest_neighbours_tie_toward_the_earlier_token():
+    """Tokens 2 and 3 here are each other's nearest neighbour: equal densities, so the earlier is denser.
+    An asymmetric float Gram matrix once gave them unequal densities and another pair of centres."""
+    from qapframe.strategies.pruners.sparsevlm import density_peak_merge
+
+    g = torch.Generator().manual_seed(1)
+    rater_rows(g, 1, 6, 1)
+    hidden = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    expected = torch.tensor(dpc_merge_slow(hidden.tolist(), 2), dtype=torch.float64)
+    assert torch.allclose(density_peak_merge(hidden, 2), expected, atol=1e-12)
+
+
 def test_rank_deficient_raters_delete_more_at_an_adaptive_stage():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 20, 4, generator=g)
