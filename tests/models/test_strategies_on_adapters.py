@@ -5,7 +5,7 @@ and its inputs (left-padded, rows with different prompt lengths and, for LLaVA-N
 counts). Checked under sdpa attention: retention 1.0 is bit-identical to the unmodified model; a
 batch of 3 gives the same kept tokens and logits as three single runs; in-LLM methods' pruned prefill
 equals recomputing the later layers on the kept tokens, and cached `generate` matches that recomputation
-token for token.
+token for token. On LLaVA, every method also composes with every built-in quantizer (and static W4A4).
 """
 
 from __future__ import annotations
@@ -357,29 +357,41 @@ def test_in_llm_context_without_an_in_llm_scorer_is_refused():
 
 
 QUANTIZER_CASES = ["rtn-w4a4", "gptq-w4a16-actorder", "awq-w4a8", "smoothquant-w8a8"]
+STATIC_W4A4 = {"name": "rtn", "scheme": "W4A4", "group_size": 32, "act_dynamic": False, "act_symmetric": True}
 
 
-@pytest.mark.parametrize("case", QUANTIZER_CASES)
-def test_sparsevlm_in_a_pipeline_with_every_quantizer(case):
-    """Quantized (calibrated on unpruned prompts), then SparseVLM installed from spec dicts: the pruned prefill is
-    still the quantized model's later layers recomputed on the kept and merged tokens, at the budget."""
+@pytest.mark.parametrize("case", QUANTIZER_CASES + ["rtn-w4a4-static"])
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"random"}))  # random: tests/models/test_llava.py
+def test_every_method_in_a_pipeline_with_every_quantizer(method, case):
+    """Quantized (calibrated on unpruned prompts), then pruned, from spec dicts, on LLaVA: the budget is met and
+    the pruned model is the quantized model on the kept tokens. Pre-LLM: `generate` equals the quantized model
+    fed only the kept (and merged) vision tokens; in-LLM: the prefill equals the quantized model's later
+    layers recomputed on the kept (and merged) tokens."""
     from qapframe.pipeline import Pipeline
     from qapframe.quantizers.base import QUANTIZERS
+    from tests.models.test_llava import reference_generate
     from tests.quantizers.test_llava import CASES
 
     assert {CASES[c]["name"] for c in QUANTIZER_CASES} == {e.name for e in QUANTIZERS.entries() if e.source == "built-in"}
-    scorer, pruner = METHODS["sparsevlm"]
+    quantizer = STATIC_W4A4 if case == "rtn-w4a4-static" else CASES[case]
+    scorer, pruner = METHODS[method]
     calibration = [llava_inputs(1, prompt_lengths=[4 + i % 3], seed=i) for i in range(4)]
-    model = Pipeline(CASES[case], scorer, {**pruner, "retention": 0.25}).apply(tiny_llava(seed=0, num_layers=4), calibration)
+    model = Pipeline(quantizer, scorer, {**pruner, "retention": 0.25}).apply(tiny_llava(seed=0, num_layers=4), calibration)
     inputs = llava_inputs(3, [4, 9, 2], seed=1)
     try:
         logits = model(**inputs).logits
         info = model.qapframe_last_selection
-        layers = list(model.qapframe_installation.inllm.layers)
+        layers = list(model.qapframe_installation.inllm.layers) if method in IN_LLM else None
         tokens = gen(model, inputs)
+        generated = model.qapframe_last_selection["selections"]
     finally:
         remove(model)
     assert [s.num_tokens for s in info["selections"]] == [4, 4, 4]  # 25 % of 16, merged tokens included
-    expected, kept = staged_reference(model, inputs, info["state"], layers)
-    assert (logits[kept] - expected[kept]).abs().max() <= 1e-4
-    assert tokens.shape == (3, inputs["input_ids"].shape[1] + NEW)
+    if method in IN_LLM:
+        expected, kept = staged_reference(model, inputs, info["state"], layers)
+        assert (logits[kept] - expected[kept]).abs().max() <= 1e-4
+        assert tokens.shape == (3, inputs["input_ids"].shape[1] + NEW)
+    else:
+        length = inputs["input_ids"].shape[1]
+        reference = reference_generate(model, inputs, generated)
+        assert torch.equal(tokens[:, length:], reference[:, :NEW])
