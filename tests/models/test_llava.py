@@ -182,3 +182,43 @@ def test_fastv_prefill_matches_recomputing_later_layers_on_kept_tokens(model, in
     expected = model.lm_head(lm.norm(h))
     assert logits.shape == expected.shape
     assert (logits[kept] - expected[kept]).abs().max() <= 1e-5
+
+
+def test_pyramiddrop_keeps_each_stages_most_attended_tokens_by_eager_attention(inputs):
+    """PyramidDrop's rule against transformers' own eager attention weights, read inside the pruned run: at the
+    end of each stage the kept vision tokens are the ones the last token attends most (mean over heads) among
+    those that reached it, ``round(16 * (2 / 16) ** ((s + 1) / 3))`` = 8, 4, 2 of an image's 16 at 12.5 %."""
+    model = tiny_llava(seed=0, num_layers=4, attn_implementation="eager")
+    install(model, ("pyramiddrop", {"stages": [0.25, 0.5, 0.75]}), retention=0.125)
+    layers = list(model.qapframe_installation.inllm.layers)
+    weights = {}
+
+    def keep_weights(layer):
+        def hook(module, args, out):
+            weights[layer] = out[1]  # [B, H, L_in, L_in] eager softmax probabilities
+
+        return hook
+
+    hooks = [model.model.language_model.layers[layer].self_attn.register_forward_hook(keep_weights(layer)) for layer in layers]
+    try:
+        model(**inputs)
+        state = model.qapframe_last_selection["state"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        LlavaAdapter().remove(model)
+    ids = inputs["input_ids"]
+    length = ids.shape[1]
+    entering = torch.arange(length).expand(3, length)  # token ids entering stage 0's ranking layer
+    entering_mask = inputs["attention_mask"].bool()
+    for stage, (layer, count) in enumerate(zip(layers, [8, 4, 2])):
+        last_row = weights[layer][:, :, -1].double().mean(dim=1)  # [B, L_in]: the last token's attention
+        after = state.stages[stage]
+        for row in range(3):
+            vision = entering_mask[row] & (ids[row, entering[row].clamp_max(length - 1)] == IMAGE_TOKEN_ID)
+            candidates = entering[row][vision]
+            expected = candidates[last_row[row][vision].topk(count).indices].sort().values
+            kept = after.keep_index[row][after.kept_mask[row].bool()]
+            kept_vision = kept[ids[row, kept] == IMAGE_TOKEN_ID]
+            assert torch.equal(kept_vision, expected)
+        entering, entering_mask = after.keep_index, after.kept_mask.bool()
