@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -88,13 +87,7 @@ def selection_seconds(label: str, retention: float, d: int, repeats: int) -> flo
         for ctx, p in zip(contexts, stage_pruners):
             p.select(scorer.score(ctx), ctx)
 
-    run()  # warm-up (numba compile / cache load for the hybrid)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return prefill.timed(run, repeats)  # its warm-up call compiles (or loads) the numba kernels
 
 
 def matmul_flops_per_s(repeats: int) -> float:
