@@ -64,3 +64,31 @@ def test_shared_is_the_share_of_kept_tokens_the_reference_also_keeps():
     keep = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5])]
     reference = [torch.tensor([2, 3, 8, 9]), torch.tensor([4, 5])]
     assert token_selection.shared(keep, reference) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_rank_correlation_and_outlier_tokens_on_hand_cases():
+    peaks = torch.tensor([[1.0, 5.0, 3.0, 2.0, 4.0, 0.5, 0.1, 0.2, 0.3, 9.0]])
+    assert token_selection.rank_correlation(peaks, peaks) == pytest.approx(1.0)
+    assert token_selection.rank_correlation(-peaks, peaks) == pytest.approx(-1.0)
+    assert [t.tolist() for t in token_selection.outlier_tokens(peaks)] == [[9]]  # top 10 % of 10 tokens
+    assert token_selection.shared(token_selection.outlier_tokens(peaks), [torch.tensor([1, 9])]) == 1.0
+
+
+def test_activation_peaks_are_each_tokens_largest_relative_magnitude_on_the_toy():
+    from qapframe.eval.inputs import model_inputs
+    from qapframe.eval.loading import ModelSource
+    from qapframe.eval.runner import DataCache
+    from qapframe.spec import load_spec
+
+    spec = load_spec("qapruner")
+    source, records = ModelSource(spec.model), DataCache().evaluation_records(spec.evaluation)[:2]
+    peaks = token_selection.activation_peaks(source, records, batch_size=1)  # one record a batch: no padding
+    assert peaks.shape == (2, 64)
+    model = source.fresh()
+    for i, record in enumerate(records):  # direct, float64: max over layers of max |h| / median |h|
+        inputs = model_inputs(source.processor, [record], model)
+        with torch.no_grad():
+            hidden = [h[0].double().abs() for h in model(**inputs, output_hidden_states=True).hidden_states[1:]]
+        vision = inputs["input_ids"][0] == model.config.image_token_id
+        expected = torch.stack([h.amax(-1) / h.flatten().median() for h in hidden]).amax(0)[vision]
+        torch.testing.assert_close(peaks[i].double(), expected, rtol=1e-5, atol=0)
