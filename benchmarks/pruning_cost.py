@@ -33,6 +33,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 sys.path.insert(0, os.path.dirname(__file__))
 import prefill  # noqa: E402  (the prefill benchmark's model and FLOP count)
 
+from qapframe.models.inllm_state import stage_targets  # noqa: E402
 from qapframe.strategies.base import PRUNERS, SCORERS  # noqa: E402
 from qapframe.strategies.context import ScoringContext  # noqa: E402
 
@@ -79,7 +80,7 @@ def selection_seconds(label: str, retention: float, d: int, repeats: int) -> flo
     scorer = make(SCORERS, scorer_spec)
     pruner = make(PRUNERS, pruner_spec, retention=retention)
     final = pruner.budget(N)
-    counts = [N] + [max(final, round(N * (final / N) ** ((s + 1) / stages))) for s in range(stages)]
+    counts = [N] + stage_targets(N, final, stages)  # the in-LLM stages' token counts, as the adapter plans them
     contexts = [context(counts[s], d, seed=s).with_(adaptive_budget=s + 1 < stages) for s in range(stages)]
     stage_pruners = [pruner] if stages == 1 else [make(PRUNERS, pruner_spec, num_tokens=counts[s + 1]) for s in range(stages)]
 

@@ -28,64 +28,13 @@ Design (hooks on the unmodified language model, so any v5 LLaMA-style decoder wo
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from qapframe.models.attention import ProjectionCapture, last_token_attention, query_attention
+from qapframe.models.inllm_state import CallState, InLLMState, StageState, stage_targets
 from qapframe.models.pruning import ImageSelection, ImageTokens, image_spans, stack_padded, uses_right_padding
-
-
-@dataclass
-class StageState:
-    """One stage's kept prefill tokens, as seen by its layers (ranking layer + 1 onwards)."""
-
-    first_layer: int
-    keep_index: torch.Tensor  # [B, L_s] token ids: prefill positions, or prefill_length + j (padding slots: arbitrary)
-    kept_mask: torch.Tensor  # [B, L_s] 1 = real kept token
-    position_index: torch.Tensor  # [B, L_s] prefill position whose position ids each token takes
-
-
-@dataclass
-class InLLMState:
-    """Per-sequence pruning state, carried from prefill to every decode step."""
-
-    prefill_length: int
-    stages: list[StageState]
-    merged: torch.Tensor | None = None  # [B, M, D] merged tokens' hidden states as made (rows padded with 0)
-
-    @property
-    def keep_index(self) -> torch.Tensor:  # [B, L'] the last stage's (what the logits cover)
-        return self.stages[-1].keep_index
-
-    @property
-    def kept_mask(self) -> torch.Tensor:
-        return self.stages[-1].kept_mask
-
-
-@dataclass
-class _Call:
-    """What the hooks share during one language-model call."""
-
-    prefill: bool
-    full_mask: torch.Tensor  # [B, past + L] 2-D padding mask of all positions
-    cache: object
-    inputs_embeds: torch.Tensor | None = None
-    vision_mask: torch.Tensor | None = None  # [B, L]
-    state: InLLMState | None = None
-    stage_kwargs: dict[int, dict] = field(default_factory=dict)  # stage -> kwargs for its layers
-    # prefill bookkeeping between stages
-    current_index: torch.Tensor | None = None  # [B, L_s] token ids of the current sequence
-    current_position: torch.Tensor | None = None  # [B, L_s] their position sources (prefill positions)
-    current_mask: torch.Tensor | None = None  # [B, L_s]
-    position_embeddings: tuple | None = None  # the prefill's rotary embeddings, [1 or B, L, Dh] each
-    images: list[ImageTokens] | None = None
-    members: list[torch.Tensor] | None = None  # per image: ids of its remaining tokens (originals, then merged)
-    spans: list | None = None
-    raters: list[torch.Tensor] | None = None  # per image: prefill positions of its text raters
-    merged: list[torch.Tensor] | None = None  # per row: hidden states of its merged tokens so far [M_r, D]
-    records: list[dict] = field(default_factory=list)
 
 
 class InLLMPruning:
@@ -126,7 +75,7 @@ class InLLMPruning:
         self._rater_attention = rater_attention
         self._text_raters = text_raters
         self.pending_vision_mask: torch.Tensor | None = None  # [B, L] set by the adapter before a prefill
-        self._call: _Call | None = None
+        self._call: CallState | None = None
         self._states: "weakref.WeakKeyDictionary[object, InLLMState]" = weakref.WeakKeyDictionary()
         self.captures = [ProjectionCapture(language_model.layers[r].self_attn) for r in self.layers]
         self._handles = [language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True)]
@@ -166,14 +115,15 @@ class InLLMPruning:
         if vision_mask is not None:
             if past:
                 raise ValueError("in-LLM pruning needs the prompt in one prefill call (the cache was not empty)")
-            self._call = _Call(prefill=True, full_mask=full, cache=cache, inputs_embeds=embeds, vision_mask=vision_mask)
+            self._call = CallState(prefill=True, full_mask=full, cache=cache, inputs_embeds=embeds,
+                                   vision_mask=vision_mask)
             self._call.state = InLLMState(prefill_length=length, stages=[])
             positions = torch.arange(length, device=embeds.device).expand(b, length)
             self._call.current_index = self._call.current_position = positions
             self._call.current_mask = full
             self.captures[0].enabled = True
         elif state is not None:
-            self._call = _Call(prefill=False, full_mask=full, cache=cache, state=state)
+            self._call = CallState(prefill=False, full_mask=full, cache=cache, state=state)
         else:
             self._call = None  # text only: nothing to prune
         return None
@@ -187,7 +137,7 @@ class InLLMPruning:
 
         return hook
 
-    def _start_images(self, call: _Call, hidden: torch.Tensor) -> None:
+    def _start_images(self, call: CallState, hidden: torch.Tensor) -> None:
         call.images = self._images()
         call.spans = image_spans(call.vision_mask, [im.num_tokens for im in call.images])
         call.members = [pos.to(hidden.device).clone() for _, pos in call.spans]  # ids = prefill positions
@@ -195,7 +145,7 @@ class InLLMPruning:
         if self._rater_attention:
             call.raters = self._choose_raters(call)
 
-    def _choose_raters(self, call: _Call) -> list[torch.Tensor]:
+    def _choose_raters(self, call: CallState) -> list[torch.Tensor]:
         """Per image: prefill positions of the real text tokens after it (``text_raters`` narrows them)."""
         out = []
         for im, (row, pos) in zip(call.images, call.spans):
@@ -213,7 +163,7 @@ class InLLMPruning:
             out.append(candidates)
         return out
 
-    def _stage_images(self, call: _Call, hidden: torch.Tensor, keys: torch.Tensor | None, where) -> list[ImageTokens]:
+    def _stage_images(self, call: CallState, hidden: torch.Tensor, keys: torch.Tensor | None, where) -> list[ImageTokens]:
         """The images' remaining tokens, as the scorers see them at this stage (merged ones last)."""
         length = call.state.prefill_length
         out = []
@@ -243,7 +193,7 @@ class InLLMPruning:
             )
         return out
 
-    def _rater_rows(self, call: _Call, capture: ProjectionCapture, where: torch.Tensor) -> list[torch.Tensor]:
+    def _rater_rows(self, call: CallState, capture: ProjectionCapture, where: torch.Tensor) -> list[torch.Tensor]:
         """Per image ``[R_i, N_i]``: its raters' attention rows over its remaining tokens (one pass per batch)."""
         b = where.shape[0]
         per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
@@ -257,7 +207,7 @@ class InLLMPruning:
         rows = query_attention(capture, call.current_mask, queries)  # [B, Q, L_s]
         return [rows[row, start : start + n][:, where[row, ids]] for (row, start, n), ids in zip(picks, call.members)]
 
-    def _prune_stage(self, call: _Call, stage: int, output):
+    def _prune_stage(self, call: CallState, stage: int, output):
         capture = self.captures[stage]
         capture.enabled = False
         hidden = output[0] if isinstance(output, tuple) else output  # [B, L_s, D]
@@ -287,7 +237,7 @@ class InLLMPruning:
             self._finish(call)
         return (kept_hidden, *output[1:]) if isinstance(output, tuple) else kept_hidden
 
-    def _next_sequence(self, call: _Call, stage: int, hidden: torch.Tensor, where, selections) -> torch.Tensor:
+    def _next_sequence(self, call: CallState, stage: int, hidden: torch.Tensor, where, selections) -> torch.Tensor:
         """Apply the stage's selections: drop tokens, insert merged ones -> the next hidden states ``[B, L_s+1, D]``;
         record the stage and the kwargs its later layers get."""
         b, size = hidden.shape[:2]
@@ -345,7 +295,7 @@ class InLLMPruning:
         call.stage_kwargs[stage] = kwargs
         return kept_hidden
 
-    def _where(self, call: _Call) -> torch.Tensor:
+    def _where(self, call: CallState) -> torch.Tensor:
         """``[B, ids]``: where each token id sits in the current sequence (-1: gone / padding)."""
         b = call.current_index.shape[0]
         size = call.state.prefill_length + max((m.shape[0] for m in call.merged or ()), default=0)
@@ -355,20 +305,15 @@ class InLLMPruning:
             where[row, call.current_index[row][real[row]]] = real[row].nonzero().squeeze(-1)
         return where
 
-    def _targets(self, call: _Call, stage: int) -> list[int] | None:
-        """Single stage: the pruner's budget. Several: geometric steps toward it, the last stage reaching it."""
+    def _targets(self, call: CallState, stage: int) -> list[int] | None:
+        """Single stage: the pruner's budget. Several: `stage_targets`' geometric steps toward it."""
         stages = len(self.layers)
         if stages == 1 or self._final_budget is None:
             return None
-        out = []
-        for im in call.images:
-            n0 = int(im.prunable.sum())
-            final = self._final_budget(n0)
-            share = (final / n0) ** ((stage + 1) / stages) if n0 else 1.0
-            out.append(max(final, round(n0 * share)))
-        return out
+        counts = [int(im.prunable.sum()) for im in call.images]
+        return [stage_targets(n0, self._final_budget(n0), stages)[stage] for n0 in counts]
 
-    def _finish(self, call: _Call) -> None:
+    def _finish(self, call: CallState) -> None:
         length = call.state.prefill_length
         if any(m.shape[0] for m in call.merged):
             call.state.merged = stack_padded(call.merged, 0.0, right_pad=True)[0]  # [B, M, D]

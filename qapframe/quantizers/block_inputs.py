@@ -127,5 +127,4 @@ def with_hidden(inp: BlockInput, hidden: torch.Tensor, after_block: int) -> Bloc
     raise RuntimeError("cannot tell which block argument carries the hidden states")
 
 
-
 __all__ = ["BATCH_TOKENS", "BlockInput", "coalesce", "with_hidden"]

@@ -250,5 +250,6 @@ class QuantizedLinear(nn.Module):
 
 
 __all__ = [
-    "ActQuantizer", "QuantizedLinear", "dequantize_weight", "holding_weights", "group_index", "group_qparams", "quantize_weight_rtn",
+    "ActQuantizer", "QuantizedLinear", "dequantize_weight", "group_index", "group_qparams", "holding_weights",
+    "quantize_weight_rtn",
 ]

@@ -313,5 +313,5 @@ class GPTQ(LayerwiseQuantizer):
         gptq_modules(data, modules, self.config.weight_spec, self.config)
 
 
-__all__ = ["ACT_ORDERS", "GPTQ", "GPTQConfig", "GPTQOptions", "Hessian", "HessianFactor", "hessian_factor", "act_order_name", "gptq_columns_torch",
-           "gptq_modules", "gptq_quantize"]
+__all__ = ["ACT_ORDERS", "GPTQ", "GPTQConfig", "GPTQOptions", "Hessian", "HessianFactor", "act_order_name",
+           "gptq_columns_torch", "gptq_modules", "gptq_quantize", "hessian_factor"]
