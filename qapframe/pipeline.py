@@ -75,15 +75,29 @@ class Pipeline:
 
     def apply(self, model: torch.nn.Module, calibration: CalibrationData | None = None) -> torch.nn.Module:
         """Quantize ``model`` (calibrating on ``calibration``) and install pruning; returns the model."""
-        if self.quantizer is not None:
-            model = self.quantizer.apply(model, calibration)
-        if self.scorer is not None:
-            from qapframe.models import adapter_for
+        return self.install_pruning(self.quantize(model, calibration))
 
-            model = adapter_for(model, self.adapter).install(
-                model, self.scorer, self.pruner, quant=self.quant_settings, seed=self.seed
-            )
-        return model
+    def quantize(self, model: torch.nn.Module, calibration: CalibrationData | None = None) -> torch.nn.Module:
+        """The quantizer's step alone (``model`` unchanged without one): calibration never sees the pruning."""
+        return model if self.quantizer is None else self.quantizer.apply(model, calibration)
+
+    def install_pruning(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The scorer and pruner installed by the model's adapter (``model`` unchanged without a scorer)."""
+        if self.scorer is None:
+            return model
+        from qapframe.models import adapter_for
+
+        return adapter_for(model, self.adapter).install(
+            model, self.scorer, self.pruner, quant=self.quant_settings, seed=self.seed
+        )
+
+    def remove_pruning(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Undo `install_pruning`, so the same quantized model can take another scorer and pruner."""
+        if self.scorer is None:
+            return model
+        from qapframe.models import adapter_for
+
+        return adapter_for(model, self.adapter).remove(model)
 
     def __repr__(self) -> str:
         return f"Pipeline(quantizer={self.quantizer!r}, scorer={self.scorer!r}, pruner={self.pruner!r})"

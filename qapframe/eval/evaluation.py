@@ -7,7 +7,9 @@ benchmarks and the toy's research scripts all go through them.
 from __future__ import annotations
 
 import gc
+import logging
 import random
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,8 +20,11 @@ from qapframe.data.base import VQARecord
 from qapframe.eval.inputs import DataCache, batches, calibration_inputs, model_inputs
 from qapframe.eval.loading import ModelSource
 from qapframe.eval.metrics import PeakMemory, PrefillTimer, RecordOutcome
+from qapframe.eval.reuse import QuantizedModel, QuantizedModelSlot, RandomState, quantization_key
 from qapframe.pipeline import Pipeline
 from qapframe.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -90,24 +95,71 @@ def answer_records(model: torch.nn.Module, processor, records: Sequence[VQARecor
 
 
 def evaluate_run(
-    spec: PipelineSpec, seed: int, source: ModelSource, data: DataCache, progress: bool = False
+    spec: PipelineSpec, seed: int, source: ModelSource, data: DataCache, progress: bool = False,
+    reuse: QuantizedModelSlot | None = None,
 ) -> dict[str, Any]:
     """Quantize, prune and evaluate one (configuration, seed) on this rank's share; gathered by the caller.
 
-    Returns this rank's outcomes, prefill seconds and sample count, and peak memory.
+    With ``reuse``, a model quantized under the same `quantization_key` by the previous run is taken from it
+    instead of quantizing again, and this run's quantized model is left in it for the next (qapframe.eval.reuse).
+    Returns this rank's outcomes, prefill seconds and sample count, peak memory, and how it was quantized.
     """
     ev = spec.evaluation
     seed_everything(seed)
+    key = quantization_key(spec, seed) if reuse is not None else None
+    held = reuse.take(key) if reuse is not None else None  # a different model held is released here
     gc.collect()  # the previous run's model, before this run's peak is measured from the current level
     memory = PeakMemory(torch.device(source.device or spec.model.device))
     memory.start()  # before the copy: a run's peak includes its own fresh model
-    model = source.fresh()
-    pipeline = Pipeline(spec.quantizer, spec.scorer, spec.pruner, adapter=spec.model.adapter, seed=seed)
-
-    calibration = None if pipeline.quantizer is None else calibration_inputs(ev, seed, source, data, model)
+    if held is None:
+        started = time.perf_counter()
+        model = source.fresh()
+        pipeline = _pipeline(spec, seed)
+        calibration = None if pipeline.quantizer is None else calibration_inputs(ev, seed, source, data, model)
+        with torch.no_grad():
+            model = pipeline.quantize(model, calibration)
+        _check_ranks_agree(model, spec)
+        seconds = time.perf_counter() - started
+        if key is not None:
+            held = QuantizedModel(key, model, RandomState.capture(), memory.peak_mib(), seconds)
+        quantization = {"seconds": seconds, "reused": False}
+    else:
+        model, pipeline = held.model, _pipeline(spec, seed)
+        held.random_state.restore()  # as if this run had just quantized
+        quantization = {"seconds": held.quantize_s, "reused": True}
     with torch.no_grad():
-        model = pipeline.apply(model, calibration)
-    if dist.is_distributed() and pipeline.quantizer is not None:
+        model = pipeline.install_pruning(model)  # refused settings raise here: the held model is dropped, not kept
+    try:
+        part = _answer(model, spec, source, data, progress)
+    finally:
+        if held is not None:
+            _keep_for_the_next_run(pipeline, held, reuse)
+    peak = memory.peak_mib()
+    if held is not None:
+        peak = max(peak, held.calibration_peak_mib)  # what a run quantizing for itself would have reached
+    return {**part, "peak_memory_mib": peak, "memory_kind": memory.kind,
+            "quantization": quantization if spec.quantizer is not None else None}
+
+
+def _pipeline(spec: PipelineSpec, seed: int) -> Pipeline:
+    return Pipeline(spec.quantizer, spec.scorer, spec.pruner, adapter=spec.model.adapter, seed=seed)
+
+
+def _keep_for_the_next_run(pipeline: Pipeline, held: QuantizedModel, reuse: QuantizedModelSlot) -> None:
+    """Take this run's pruning off the quantized model and keep it; a model whose pruning will not come off is
+    dropped (with a warning, not an error, so that this run's own outcome or error stands): the next run of its
+    group quantizes afresh."""
+    try:
+        pipeline.remove_pruning(held.model)
+    except Exception as exc:
+        log.warning("qapframe: could not remove the pruning from the quantized model (%s: %s); the next run "
+                    "quantizes again", type(exc).__name__, exc)
+    else:
+        reuse.keep(held)
+
+
+def _check_ranks_agree(model: torch.nn.Module, spec: PipelineSpec) -> None:
+    if dist.is_distributed() and spec.quantizer is not None:
         prints = dist.all_gather_objects(weights_fingerprint(model))
         if len(set(prints)) > 1:
             raise RuntimeError(
@@ -115,6 +167,11 @@ def evaluate_run(
                 "must reduce its calibration statistics with qapframe.distributed.all_reduce_"
             )
 
+
+def _answer(model: torch.nn.Module, spec: PipelineSpec, source: ModelSource, data: DataCache,
+            progress: bool) -> dict[str, Any]:
+    """This rank's share of the evaluation records answered by ``model``: outcomes and prefill time."""
+    ev = spec.evaluation
     records = data.evaluation_records(ev)
     # Whole batches are sharded (not single records) so every batch, and so every logit, is the same
     # as in one process: padding and BLAS blocking depend on a batch's composition.
@@ -139,14 +196,7 @@ def evaluate_run(
     finally:
         timer.remove()
     dense_tokens = float(vision_placeholders(model, inputs["input_ids"][:1]).sum()) if mine else None
-    return {
-        "outcomes": outcomes,
-        "prefill_s": sum(timer.seconds),
-        "samples": len(outcomes),
-        "peak_memory_mib": memory.peak_mib(),
-        "memory_kind": memory.kind,
-        "dense_tokens": dense_tokens,
-    }
+    return {"outcomes": outcomes, "prefill_s": sum(timer.seconds), "samples": len(outcomes), "dense_tokens": dense_tokens}
 
 
 def progress_bar(items, enabled: bool, **kwargs):

@@ -32,7 +32,17 @@ def merge_parts(spec: PipelineSpec, seed: int, parts: list[dict[str, Any]], elap
         "metrics": metrics,
         "outcomes": [o.to_dict() for o in sorted(outcomes, key=lambda o: o.index)],
         "elapsed_s": elapsed,
+        "quantization": _quantization(parts),
     }
+
+
+def _quantization(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``{"seconds", "reused"}``: how long calibrating and quantizing took (the slowest rank), and whether this
+    run took the model a previous run quantized (its ``elapsed_s`` then leaves those seconds out); None: fp."""
+    done = [p.get("quantization") for p in parts]
+    if any(q is None for q in done):
+        return None
+    return {"seconds": max(q["seconds"] for q in done), "reused": done[0]["reused"]}
 
 
 def _identity(spec: PipelineSpec, seed: int, info: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Each (configuration, seed) run starts from a fresh copy of the model, calibrates and quantizes it,
 installs token pruning, answers the evaluation set with greedy ``generate`` (`qapframe.eval.evaluation`),
-and appends one line to ``results.jsonl`` (`qapframe.eval.records`). Runs already recorded as ``ok`` are
+and appends one line to ``results.jsonl`` (`qapframe.eval.records`). Runs that differ only in their pruning
+run one after another and share one quantization (`qapframe.eval.reuse`), with the same results. Runs already recorded as ``ok`` are
 skipped (resume); a failing run is recorded with its error and the others go on; a rerun retries it, and
 its new row replaces the error row. Under ``torchrun`` / ``accelerate launch`` the evaluation and
 calibration batches are sharded over ranks and rank 0 gathers and writes everything.
@@ -29,6 +30,7 @@ from qapframe.eval.loading import ModelSource
 from qapframe.eval.records import error_record, merge_parts
 from qapframe.eval.report import write_reports
 from qapframe.eval.results import RESULTS_FILE, ResultsFile, run_key
+from qapframe.eval.reuse import QuantizedModelSlot, order_by_quantization
 from qapframe.spec import PipelineSpec, load_spec
 
 SpecLike = Union[str, Path, dict, PipelineSpec]
@@ -125,15 +127,15 @@ def _run_all(runs: list, done: set[str], recorded: set[str], varied: Sequence[st
     """The loop of `run_spec`: every run not in ``done``, each recorded as it finishes (by rank 0)."""
     sources: dict[tuple, ModelSource] = {}
     data = DataCache()
-    for number, (cfg, seed) in enumerate(progress_bar(runs, show, desc="runs"), start=1):
-        if run_key(cfg, seed) in done:
-            summary.skipped += 1
-            continue
+    quantized = QuantizedModelSlot()  # runs sharing a quantization run one after another and quantize once
+    pending = order_by_quantization([run for run in runs if run_key(*run) not in done])
+    summary.skipped += len(runs) - len(pending)
+    for number, (cfg, seed) in enumerate(progress_bar(pending, show, desc="runs"), start=summary.skipped + 1):
         source = ModelSource(cfg.model, _device_for_rank(cfg))
         source = sources.setdefault(source.key(), source)
         start = time.perf_counter()
         try:
-            part, error = evaluate_run(cfg, seed, source, data, progress=show), None
+            part, error = evaluate_run(cfg, seed, source, data, progress=show, reuse=quantized), None
         except Exception as exc:  # recorded and reported; the other configurations still run
             part, error = None, (f"{type(exc).__name__}: {exc}", traceback.format_exc())
         parts = dist.all_gather_objects((part, error))

@@ -40,7 +40,10 @@ def test_sweep_expands_to_every_configuration_and_seed(smoke_run):
     spec, out, summary = smoke_run
     records = lines(out)
     assert summary.ran == 4 and summary.failed == summary.skipped == 0 and len(records) == 4
-    assert [(r["retention"], r["seed"]) for r in records] == [(0.5, 0), (0.5, 1), (0.25, 0), (0.25, 1)]
+    # Written as run: the two retentions under one seed share its quantization, so they run one after another.
+    assert [(r["retention"], r["seed"]) for r in records] == [(0.5, 0), (0.25, 0), (0.5, 1), (0.25, 1)]
+    assert [r["quantization"]["reused"] for r in records] == [False, True, False, True]
+    assert [r["spec"]["pruner"]["retention"] for r in summary.records] == [0.5, 0.5, 0.25, 0.25]  # spec order
     for r in records:
         assert r["status"] == "ok" and r["quantizer"] == "rtn(scheme=W4A4)" and r["scorer"] == "hybrid"
         # the tiny model has 16 vision tokens per image; the adapter's selection is what is counted

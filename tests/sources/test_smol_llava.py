@@ -96,3 +96,24 @@ def test_delta_naming_a_non_linear_is_refused(untrained):
     tensors = smol_llava.delta_tensors(model, {"model.language_model.norm": (torch.zeros(1, 2), torch.zeros(2, 1))})
     with pytest.raises(QapframeError, match="no Linear"):
         smol_llava.apply_delta(model, tensors, 1.0)
+
+
+def test_the_shipped_delta_rebuilds_the_trained_model(smollm2_dir):
+    """What ships answers as the trained model did: the first test questions' greedy answers that training
+    recorded in build.json (answered in one batch of 16, as there)."""
+    from safetensors.torch import load_file
+
+    from qapframe.data.synthetic import SyntheticVQA
+    from qapframe.eval.evaluation import answer_records
+
+    settings = json.loads((smol_llava.DELTA_DIR / smol_llava.BUILD_FILE).read_text())
+    assert settings["lora_scale"] == settings["lora_alpha"] / settings["lora_rank"]
+    tensors = load_file(smol_llava.DELTA_DIR / smol_llava.DELTA_FILE)
+    model, processor = smol_llava.build_untrained(smollm2_dir, seed=settings["seed"])
+    lora = {k for k in tensors if k.startswith(smol_llava.LORA_PREFIX)}
+    assert len(lora) == 2 * 30 * len(settings["lora_modules"])  # A and B for every target Linear of 30 layers
+    smol_llava.apply_delta(model, tensors, settings["lora_scale"])
+    records = list(SyntheticVQA("test", size=16, seed=settings["args"]["data_seed"]))
+    answers = answer_records(model, processor, records, batch_size=16, max_new_tokens=6)
+    got = [f"{r.question} -> {p!r} ({r.answer})" for r, p in zip(records[:3], answers[:3])]
+    assert got == settings["examples"]
