@@ -171,11 +171,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    multi = [json.loads(line) for line in (tmp_path / "multi" / "results.jsonl").read_text().splitlines()]
-    assert len(multi) == len(single.records) == 8
-    for one, two in zip(single.records, multi):
+    written = [json.loads(line) for line in (tmp_path / "multi" / "results.jsonl").read_text().splitlines()]
+    multi = {r["key"]: r for r in written}  # written as run: runs sharing a quantization one after another
+    assert len(written) == len(multi) == len(single.records) == 8
+    for one in single.records:
+        two = multi[one["key"]]
         assert two["status"] == one["status"] == "ok" and two["world_size"] == 2 and one["world_size"] == 1
-        assert two["key"] == one["key"] and two["label"] == one["label"]
+        assert two["label"] == one["label"]
+        assert (two["quantization"] or {}).get("reused") == (one["quantization"] or {}).get("reused")
         assert two["outcomes"] == one["outcomes"]  # every prediction, in dataset order
         for metric in ("accuracy", "accuracy_by_type", "retained_tokens", "num_samples"):
             assert two["metrics"][metric] == one["metrics"][metric], metric
