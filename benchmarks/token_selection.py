@@ -148,7 +148,7 @@ def quantized(spec, seed: int, source: ModelSource, data: DataCache) -> torch.nn
     model = source.fresh()
     pipeline = Pipeline(spec.quantizer, seed=seed)
     calibration = None if pipeline.quantizer is None else calibration_inputs(spec.evaluation, seed, source, data, model)
-    return pipeline.apply(model, calibration)
+    return pipeline.quantize(model, calibration)
 
 
 @torch.no_grad()
@@ -157,17 +157,15 @@ def selections(spec, scorer: dict, retention: float, seed: int, source: ModelSou
     """Per record: (kept token indices [K], scores [N]) under the spec's quantizer with ``scorer`` + ``pruner``.
 
     ``model``: the `quantized` model to prune (pruning is installed and removed again), else one is prepared."""
-    from qapframe.models import adapter_for
-
     model = quantized(spec, seed, source, data) if model is None else model
     seed_everything(seed)
-    pipeline = Pipeline(spec.quantizer, scorer, {"name": pruner, "retention": retention}, seed=seed)
-    adapter = adapter_for(model, spec.model.adapter)
-    adapter.install(model, pipeline.scorer, pipeline.pruner, quant=pipeline.quant_settings, seed=seed)
+    pipeline = Pipeline(spec.quantizer, scorer, {"name": pruner, "retention": retention},
+                        adapter=spec.model.adapter, seed=seed)
+    pipeline.install_pruning(model)
     try:
         return _kept_and_scores(model, source, records, spec.evaluation.batch_size)
     finally:
-        adapter.remove(model)
+        pipeline.remove_pruning(model)
 
 
 def _kept_and_scores(model, source: ModelSource, records, size: int):

@@ -94,8 +94,5 @@ class QuantizedModelSlot:
     def keep(self, quantized: QuantizedModel) -> None:
         self._held = quantized
 
-    def clear(self) -> None:
-        self._held = None
-
 
 __all__ = ["QuantizedModel", "QuantizedModelSlot", "RandomState", "order_by_quantization", "quantization_key"]

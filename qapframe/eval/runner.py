@@ -3,9 +3,9 @@
 Each (configuration, seed) run starts from a fresh copy of the model, calibrates and quantizes it,
 installs token pruning, answers the evaluation set with greedy ``generate`` (`qapframe.eval.evaluation`),
 and appends one line to ``results.jsonl`` (`qapframe.eval.records`). Runs that differ only in their pruning
-run one after another and share one quantization (`qapframe.eval.reuse`), with the same results. Runs already recorded as ``ok`` are
-skipped (resume); a failing run is recorded with its error and the others go on; a rerun retries it, and
-its new row replaces the error row. Under ``torchrun`` / ``accelerate launch`` the evaluation and
+run one after another and share one quantization (`qapframe.eval.reuse`), with the same results. Runs already
+recorded as ``ok`` are skipped (resume); a failing run is recorded with its error and the others go on; a rerun
+retries it, and its new row replaces the error row. Under ``torchrun`` / ``accelerate launch`` the evaluation and
 calibration batches are sharded over ranks and rank 0 gathers and writes everything.
 
 The pieces live by concern: labels (`qapframe.eval.labels`), records and model inputs
