@@ -54,6 +54,12 @@ for _setting, _acts in (("W4A4 per-token", W4A4_TOKEN), ("W4A4 static", W4A4_STA
         ROWS.append((_setting, _method, _spec))
         ROWS.append((_setting, f"{_method} + hadamard", {**_spec, **ROTATION}))
 ROWS.append(("W4A4 per-token", "llm-compressor spinquant + gptq", "peer:spinquant_gptq_w4a4"))
+# Learned rotations (SpinQuant's R1 and R2, 20 Cayley steps of one calibration window, a fifth of the paper's
+# 100 on 2 CPU cores): RTN learns with its weights quantized in the loss; GPTQ, as in the paper, with fp weights.
+SPINQUANT = {"name": "spinquant", "seed": 0, "steps": 20}
+ROWS.append(("W4A4 per-token", "rtn + spinquant", {"name": "rtn", **W4A4_TOKEN, "rotation": SPINQUANT}))
+ROWS.append(("W4A4 per-token", "gptq + spinquant (fp weights)",
+             {"name": "gptq", **W4A4_TOKEN, "rotation": {**SPINQUANT, "weights_in_loss": "fp"}}))
 # Asymmetric per-token activations (a zero point per token): after SiLU and the rotation, token ranges are
 # lopsided, and a symmetric grid wastes half its codes on the empty side.
 for _method in ("rtn", "gptq"):

@@ -79,8 +79,11 @@ def supported_matrix() -> str:
               "| adapter | what it handles |", "|---|---|"]
     lines += [f"| `{e.name}` | {_first_line(e.obj)} |" for e in _builtin(reg["adapter"])]
     schemes = list(PRESETS)
-    lines += ["", "Quantizers and the scheme presets each accepts (`quantizer: {name, scheme}`; any transformers "
-              "model's Linears):", "", "| quantizer | " + " | ".join(schemes) + " |",
+    from qapframe.quantizers.rotations import ROTATIONS
+
+    rotations = " | ".join(e.name for e in _builtin(ROTATIONS))
+    lines += ["", "Quantizers and the scheme presets each accepts (`quantizer: {name, scheme}`, optionally `rotation: "
+              f"{{name: {rotations}}}`; any transformers model's Linears):", "", "| quantizer | " + " | ".join(schemes) + " |",
               "|---|" + "---|" * len(schemes)]
     for e in _builtin(reg["quantizer"]):
         cells = []
@@ -118,6 +121,8 @@ def spec_reference() -> str:
             out += [f"`{{name: <{kind}>, ...parameters}}`; optional. The parameters of each built-in {kind}:", ""]
             for entry in _builtin(model.registry):
                 out += [f"### {kind} `{entry.name}`", "", _first_line(entry.obj), "", *_fields_table(entry.obj.Config), ""]
+            if kind == "quantizer":
+                out += _rotations()
         elif model is not None:
             out += [_first_line(model), "", *_fields_table(model), ""]
             if model.__name__ == "EvaluationSpec":
@@ -125,6 +130,17 @@ def spec_reference() -> str:
         else:
             out += [f"Type: {_type(annotation)}.", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _rotations() -> list[str]:
+    """The parameters of each built-in rotation (``quantizer.rotation: {name: <rotation>, ...parameters}``)."""
+    from qapframe.quantizers.rotations import ROTATIONS
+
+    out = ["`quantizer.rotation` takes `{name: <rotation>, ...parameters}` (every quantizer above). The parameters of "
+           "each built-in rotation:", ""]
+    for entry in _builtin(ROTATIONS):
+        out += [f"### rotation `{entry.name}`", "", _first_line(entry.obj), "", *_fields_table(entry.obj.Config), ""]
+    return out
 
 
 def _dataset_loaders() -> list[str]:

@@ -41,6 +41,25 @@ def test_set_up_is_two_commands_and_the_cpu_index_is_explained():
     assert "--index-url https://download.pytorch.org/whl/cpu" in text and "GPU users keep the default" in text
 
 
+def _pip_installs(commands: list[str]) -> list[str]:
+    """The arguments of each ``pip install`` in ``commands``, with ``-q`` and ``python -m`` left out."""
+    installs = []
+    for command in commands:
+        for part in command.split("&&"):
+            words = [w for w in part.split() if w != "-q"]
+            if "pip" in words and words[words.index("pip") + 1 : words.index("pip") + 2] == ["install"]:
+                installs.append(" ".join(words[words.index("pip") + 2 :]))
+    return installs
+
+
+def test_ci_installs_what_the_readme_test_command_installs_in_the_same_steps():
+    (setup,) = blocks(section("Set up and run"), "bash")
+    readme = [line for line in setup.splitlines() if line.strip() and not line.startswith("#")][1]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert _pip_installs([readme]) == _pip_installs(ci)
+    assert "python -m pytest -q" in ci
+
+
 def test_plugin_toml_block_is_what_the_example_plugin_declares():
     (block,) = blocks(section("Writing a plugin"), "toml")
     shipped = tomllib.loads((ROOT / "contrib/qapframe-example-plugin/pyproject.toml").read_text())

@@ -11,6 +11,7 @@ from qapframe.quantizers.base import CalibrationData, Quantizer
 from qapframe.quantizers.calibration import BlockData, calibrate_sequential, select_samples
 from qapframe.quantizers.config import QuantizerConfig
 from qapframe.quantizers.fake_quant import QuantizedLinear, quantize_weight_rtn
+from qapframe.quantizers.rotations.base import CalibrationContext
 from qapframe.quantizers.targets import select_linears, set_module
 
 QUANT_CONFIG_ATTR = "qapframe_quantization"  # set on a quantized model: the quantizer's name and config
@@ -40,8 +41,25 @@ class LayerwiseQuantizer(Quantizer):
     @torch.no_grad()
     def apply(self, model: nn.Module, calibration: CalibrationData | None = None) -> nn.Module:
         cfg = self.config
-        if cfg.rotation is not None:  # first: every later step sees the rotated model
-            cfg.rotation.build().apply(model)
+        rotation = cfg.rotation.build() if cfg.rotation is not None else None
+        device = next(model.parameters()).device
+        needs = self.needs_calibration()
+        learns = rotation is not None and rotation.needs_calibration()
+        # A quantizer that needs no data (RTN with weight-only or dynamic activations) ignores what it is
+        # given, unless its rotation learns from it: running the sequential calibration would only cost time.
+        samples = select_samples(calibration, cfg.calibration_samples, cfg.seed, device) if needs or learns else []
+        if not samples and (needs or learns):
+            who = f"{self.name}" if needs else f"{self.name} with rotation {cfg.rotation.name}"
+            raise ValueError(
+                f"{who} needs calibration data (an iterable of model-input dicts); "
+                "only RTN with dynamic activations (act_dynamic=true) and a fixed rotation runs without it"
+            )
+        was_training = model.training
+        model.eval()
+        if rotation is not None:  # first: every later step sees the rotated model
+            if learns:
+                rotation.fit(model, CalibrationContext(samples, cfg.weight_spec, cfg.act_spec, cfg.targets, cfg.ignore))
+            rotation.apply(model)
         linears = select_linears(model, cfg.targets, cfg.ignore)
         if not linears:
             some = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
@@ -49,19 +67,7 @@ class LayerwiseQuantizer(Quantizer):
                 f"{self.name}: no nn.Linear matches targets={cfg.targets} minus ignore={cfg.ignore}; "
                 f"the model's Linears include {some or '(none)'}"
             )
-        device = next(model.parameters()).device
-        needs = self.needs_calibration()
-        # A quantizer that needs no data (RTN with weight-only or dynamic activations) ignores what it is
-        # given: running the sequential calibration forward would only cost time.
-        samples = select_samples(calibration, cfg.calibration_samples, cfg.seed, device) if needs else []
-        if not samples and needs:
-            raise ValueError(
-                f"{self.name} needs calibration data (an iterable of model-input dicts); "
-                "only RTN with dynamic activations (act_dynamic=true) runs without it"
-            )
-        was_training = model.training
-        model.eval()
-        if samples:
+        if needs:
             calibrate_sequential(model, linears, samples, self.wrap, self._process)
         else:
             for name, linear in linears.items():

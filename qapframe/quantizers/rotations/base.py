@@ -3,20 +3,49 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from qapframe.registry import Registry
-from qapframe.strategy import StrategySpec
-from qapframe.strategy import Strategy
+from qapframe.strategy import Strategy, StrategySpec
+
+if TYPE_CHECKING:
+    from qapframe.quantizers.config import ActSpec, WeightSpec
 
 ROTATIONS: Registry[type["Rotation"]] = Registry(
-    "rotation", "qapframe.rotations", ("qapframe.quantizers.rotations.quarot",)
+    "rotation", "qapframe.rotations", ("qapframe.quantizers.rotations.quarot", "qapframe.quantizers.rotations.spinquant")
 )
 
 
+@dataclass
+class CalibrationContext:
+    """What a learned rotation sees: the quantizer's calibration inputs and how it will quantize.
+
+    ``targets``/``ignore`` are the quantizer's Linear name patterns (matched after the rotation's own module
+    changes); ``act_spec`` is None for weight-only schemes.
+    """
+
+    samples: list[dict[str, Any]]
+    weight_spec: "WeightSpec"
+    act_spec: "ActSpec | None"
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    ignore: list[str] = field(default_factory=list)
+
+
 class Rotation(Strategy, abc.ABC):
-    """Rewrites a model's weights so that its fp outputs are unchanged and its activations quantize better."""
+    """Rewrites a model's weights so that its fp outputs are unchanged and its activations quantize better.
+
+    A fixed rotation (QuaRot's Hadamard) only implements `apply`. A learned one (SpinQuant) also returns True
+    from `needs_calibration`; the quantizer then calls `fit` with its calibration data before `apply`.
+    """
+
+    def needs_calibration(self) -> bool:
+        return False
+
+    def fit(self, model: nn.Module, context: CalibrationContext) -> None:
+        """Learn from calibration data (a learned rotation); may change ``model`` in function-preserving ways."""
 
     @abc.abstractmethod
     def apply(self, model: nn.Module) -> nn.Module:
@@ -29,4 +58,4 @@ class RotationSpec(StrategySpec):
     registry = ROTATIONS  # type: ignore[assignment]
 
 
-__all__ = ["ROTATIONS", "Rotation", "RotationSpec"]
+__all__ = ["CalibrationContext", "ROTATIONS", "Rotation", "RotationSpec"]

@@ -143,10 +143,15 @@ def _untie(model: nn.Module, lm_head: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def rotate_decoder(model: nn.Module, Q: torch.Tensor, head_rotation: torch.Tensor | None,
+def rotate_decoder(model: nn.Module, Q: torch.Tensor, head_rotation: torch.Tensor | list[torch.Tensor] | None,
                    online_down_proj: bool, seed: int) -> DecoderLayout:
-    """Fuse the norms and rotate the residual stream by ``Q [D, D]`` (float64, orthogonal); see the module docstring."""
+    """Fuse the norms and rotate the residual stream by ``Q [D, D]`` (float64, orthogonal); see the module docstring.
+
+    ``head_rotation``: one ``[d, d]`` orthogonal matrix for every layer's value heads, or one per layer.
+    """
     layout = find_layout(model)
+    if isinstance(head_rotation, (list, tuple)) and len(head_rotation) != len(layout.layers):
+        raise ValueError(f"rotation: {len(head_rotation)} head rotations for {len(layout.layers)} layers")
     dec = layout.decoder
     Q = Q.to(dec.embed_tokens.weight.device)
     if layout.lm_head is not None:
@@ -160,7 +165,7 @@ def rotate_decoder(model: nn.Module, Q: torch.Tensor, head_rotation: torch.Tenso
         _write(layout.projector_out, Q)
     for linear in layout.mergers_out:
         _write(linear, Q)
-    for layer in layout.layers:
+    for i, layer in enumerate(layout.layers):
         attn, mlp = layer.self_attn, layer.mlp
         for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
                               (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
@@ -170,7 +175,8 @@ def rotate_decoder(model: nn.Module, Q: torch.Tensor, head_rotation: torch.Tenso
             _set(norm.weight, torch.ones_like(scale))
         _write(attn.o_proj, Q)
         if head_rotation is not None:
-            _rotate_heads(attn, head_rotation.to(Q.device), layout.head_dim)
+            R = head_rotation[i] if isinstance(head_rotation, (list, tuple)) else head_rotation
+            _rotate_heads(attn, R.to(Q.device), layout.head_dim)
         down = mlp.down_proj
         _write(down, Q)
         if online_down_proj:
