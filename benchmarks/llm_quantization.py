@@ -65,6 +65,16 @@ ROWS.append(("W4A4 per-token", "gptq + spinquant (fp weights)",
 for _method in ("rtn", "gptq"):
     ROWS.append(("W4A4 per-token asym", f"{_method} + hadamard",
                  {"name": _method, **W4A4_TOKEN, "act_symmetric": False, **ROTATION}))
+# The full symmetric grids (scale max|x| / 7.5 at 4 bits, compressed-tensors' convention) against the narrow
+# default: of the weights ("full weight grid"), of the activations ("full act grid"), of both ("full grids").
+FULL_W, FULL_A = {"symmetric_grid": "full"}, {"act_symmetric_grid": "full"}
+for _method in ("rtn", "gptq"):
+    ROWS.append(("W4A16 g64", f"{_method}, full weight grid", {"name": _method, "scheme": "W4A16", **W4_G64, **FULL_W}))
+    for _label, _grids in (("full act grid", FULL_A), ("full grids", {**FULL_W, **FULL_A})):
+        ROWS.append(("W4A4 per-token", f"{_method} + hadamard, {_label}", {"name": _method, **W4A4_TOKEN, **ROTATION, **_grids}))
+ROWS.append(("W4A4 per-token asym", "gptq + hadamard, full weight grid",
+             {"name": "gptq", **W4A4_TOKEN, "act_symmetric": False, **ROTATION, **FULL_W}))
+ROWS.append(("W4A4 per-token", "rtn + spinquant, full act grid", {"name": "rtn", **W4A4_TOKEN, "rotation": SPINQUANT, **FULL_A}))
 for _method in ("rtn", "smoothquant"):
     ROWS.append(("W8A8 per-token asym", _method, {"name": _method, "scheme": "W8A8", "group_size": -1,
                                                   "symmetric": True, "act_symmetric": False}))

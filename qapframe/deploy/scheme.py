@@ -154,7 +154,8 @@ def module_tensors(name: str, module: QuantizedLinear, scheme: ModuleScheme) -> 
         out[f"{name}.bias"] = module.bias.detach()
     act = module.act_quant
     if act is not None and scheme.input_activations is not None and not act.spec.dynamic:
-        scale, zero = qparams(torch.stack([act.lo, act.hi]).float(), act.spec.bits, act.spec.symmetric)
+        scale, zero = qparams(torch.stack([act.lo, act.hi]).float(), act.spec.bits, act.spec.symmetric,
+                              act.spec.full_range)
         out[f"{name}.input_scale"] = scale.reshape(1).to(dtype)
         if not act.spec.symmetric:
             z = zero.reshape(1)

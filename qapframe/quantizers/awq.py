@@ -74,7 +74,7 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: WeightSpec, grid: i
     for i in range(int(max_shrink * grid) + 1):
         m = max0 * (1 - i / grid)
         clipped = torch.clamp(wg, -m, m)
-        scale, zero = qparams(clipped, spec.bits, spec.symmetric)
+        scale, zero = qparams(clipped, spec.bits, spec.symmetric, spec.full_range)
         q = dequantize(quantize(clipped, scale, zero, spec.bits, spec.symmetric), scale, zero)
         err = all_reduce_sum((torch.einsum("ngk,ogk->nog", xg, q) - ref).pow(2).sum(dim=0))  # [O, G], all ranks' tokens
         better = err < best_err

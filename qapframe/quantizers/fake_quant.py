@@ -36,7 +36,7 @@ def group_index(in_features: int, group_size: int, perm: torch.Tensor | None = N
 
 def group_qparams(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The RTN grid of every weight group: ``W [O, I]`` -> ``(scales [O, G], zeros [O, G])`` float32."""
-    scale, zero = qparams(channel_groups(weight, spec.group_size), spec.bits, spec.symmetric)
+    scale, zero = qparams(channel_groups(weight, spec.group_size), spec.bits, spec.symmetric, spec.full_range)
     return scale.squeeze(-1), zero.squeeze(-1)
 
 
@@ -44,7 +44,7 @@ def quantize_weight_rtn(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.T
     """Round-to-nearest: ``W [O, I]`` -> ``(codes [O, I], scales [O, G], zeros [O, G], g_idx [I])``."""
     out_f, in_f = weight.shape
     groups = channel_groups(weight, spec.group_size)  # [O, G, g]
-    scale, zero = qparams(groups, spec.bits, spec.symmetric)
+    scale, zero = qparams(groups, spec.bits, spec.symmetric, spec.full_range)
     codes = quantize(groups, scale, zero, spec.bits, spec.symmetric).reshape(out_f, -1)[:, :in_f]
     return codes, scale.squeeze(-1), zero.squeeze(-1), group_index(in_f, spec.group_size)
 
@@ -84,7 +84,8 @@ class ActQuantizer(nn.Module):
         all_reduce_(self.lo, "min")
         all_reduce_(self.hi, "max")
         if torch.isfinite(self.lo):
-            lo, hi = self.observer.range(self.lo.float(), self.hi.float(), self.spec.bits, self.spec.symmetric)
+            grid = {"full_range": True} if self.spec.full_range else {}  # see Observer.range
+            lo, hi = self.observer.range(self.lo.float(), self.hi.float(), self.spec.bits, self.spec.symmetric, **grid)
             self.lo, self.hi = lo.to(self.lo), hi.to(self.hi)
         self.observer = MinMaxObserver()  # drops the observer's samples
 
@@ -93,10 +94,10 @@ class ActQuantizer(nn.Module):
             return x
         s = self.spec
         if s.dynamic:
-            return fake_quantize_groups(x, s.bits, s.group_size, s.symmetric).to(x.dtype)
+            return fake_quantize_groups(x, s.bits, s.group_size, s.symmetric, s.full_range).to(x.dtype)
         if not torch.isfinite(self.lo):
             raise RuntimeError("static activation quantizer was never calibrated; pass calibration data")
-        scale, zero = qparams(torch.stack([self.lo, self.hi]), s.bits, s.symmetric)
+        scale, zero = qparams(torch.stack([self.lo, self.hi]), s.bits, s.symmetric, s.full_range)
         return dequantize(quantize(x, scale, zero, s.bits, s.symmetric), scale, zero).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -174,7 +174,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, spec: Weig
     # are visited out of order. Either way the grid comes from the fp weights, before any update.
     fixed_grid = g == in_f or order == "static"
     if fixed_grid:
-        scales, zeros = group_qparams(W, WeightSpec(spec.bits, g, spec.symmetric))  # [O, G], channel order
+        scales, zeros = group_qparams(W, WeightSpec(spec.bits, g, spec.symmetric, spec.full_range))  # [O, G], channel order
     else:
         scales = torch.zeros(out_f, n_groups, device=W.device)
         zeros = torch.zeros(out_f, n_groups, device=W.device)
@@ -209,7 +209,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, spec: Weig
             stop = min(start + (block if fixed_grid else g), i2 - i1)
             if not fixed_grid:
                 col = i1 + start
-                scale, zero = qparams(W1[start:stop].T, spec.bits, spec.symmetric)  # [O, 1]
+                scale, zero = qparams(W1[start:stop].T, spec.bits, spec.symmetric, spec.full_range)  # [O, 1]
                 scales[:, col // g], zeros[:, col // g] = scale[:, 0], zero[:, 0]
                 scale_t[col : i1 + stop], zero_t[col : i1 + stop] = scale.T, zero.T
             columns(W1, U1, scale_t[i1:i2], zero_t[i1:i2], start, stop, lo, hi, codes_t[i1:i2], err)

@@ -11,6 +11,7 @@ from qapframe.quantizers.base import CalibrationData, Quantizer
 from qapframe.quantizers.calibration import BlockData, calibrate_sequential, select_samples
 from qapframe.quantizers.config import QuantizerConfig
 from qapframe.quantizers.fake_quant import QuantizedLinear, quantize_weight_rtn
+from qapframe.quantizers.observers import check_full_range
 from qapframe.quantizers.rotations.base import CalibrationContext
 from qapframe.quantizers.targets import select_linears, set_module
 
@@ -36,6 +37,8 @@ class LayerwiseQuantizer(Quantizer):
         module = QuantizedLinear.from_linear(linear, self.config.weight_spec, self.config.act_spec)
         if module.act_quant is not None and not module.act_quant.spec.dynamic:
             module.act_quant.observer = self.config.act_observer.build()  # one per module: it keeps samples
+            if module.act_quant.spec.full_range:
+                check_full_range(module.act_quant.observer)
         return module
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ use the entry-point group ``qapframe.observers``.
 from __future__ import annotations
 
 import abc
+import inspect
 
 import torch
 from pydantic import Field
@@ -30,7 +31,20 @@ class Observer(Strategy, abc.ABC):
 
     @abc.abstractmethod
     def range(self, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chosen ``(lo, hi)`` (float32 scalars) given the observed min/max over every rank."""
+        """The chosen ``(lo, hi)`` (float32 scalars) given the observed min/max over every rank.
+
+        With ``act_symmetric_grid: full`` the quantizer also passes ``full_range=True`` (by keyword, and only then,
+        so observers written before it keep working); one that measures errors on the grid should accept it.
+        """
+
+
+def check_full_range(observer: Observer) -> None:
+    """Refuse an observer whose ``range`` cannot be told that the grid is the full one (see `Observer.range`)."""
+    parameters = inspect.signature(observer.range).parameters
+    if "full_range" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise ValueError(f"act_observer {observer.name or type(observer).__name__!r}: its range() takes no full_range "
+                         "argument, so it would choose ranges for the narrow grid; use act_symmetric_grid: narrow, or "
+                         "give range() a full_range=False keyword")
 
 
 class MinMaxConfig(StrategyConfig):
@@ -43,7 +57,7 @@ class MinMaxObserver(Observer):
 
     Config = MinMaxConfig
 
-    def range(self, lo, hi, bits, symmetric):
+    def range(self, lo, hi, bits, symmetric, full_range=False):
         return lo, hi
 
 
@@ -89,7 +103,7 @@ class PercentileObserver(_SampledObserver):
     Config = PercentileConfig
     config: PercentileConfig
 
-    def range(self, lo, hi, bits, symmetric):
+    def range(self, lo, hi, bits, symmetric, full_range=False):
         # Quantiles do not decompose over ranks: gather the (bounded) samples, so ranks pick one range.
         values = torch.cat([v.to(lo.device) for v in all_gather_objects(self.values().cpu())])
         self._values = []
@@ -116,13 +130,13 @@ class MSEObserver(_SampledObserver):
     Config = MSEConfig
     config: MSEConfig
 
-    def range(self, lo, hi, bits, symmetric):
+    def range(self, lo, hi, bits, symmetric, full_range=False):
         cfg = self.config
         values = self.values().to(lo.device)
         self._values = []
         ratios = 1 - torch.arange(cfg.grid + 1, dtype=torch.float32, device=lo.device) / cfg.grid * cfg.max_shrink
         bounds = torch.stack([ratios * lo, ratios * hi], dim=1)  # [K, 2]
-        scale, zero = qparams(bounds, bits, symmetric)  # [K, 1]
+        scale, zero = qparams(bounds, bits, symmetric, full_range)  # [K, 1]
         error = torch.zeros(len(ratios), dtype=torch.float64, device=lo.device)
         for chunk in values.split(1 << 15):  # [K, chunk] at a time
             q = dequantize(quantize(chunk[None, :], scale, zero, bits, symmetric), scale, zero)
@@ -132,4 +146,4 @@ class MSEObserver(_SampledObserver):
         return bounds[best, 0], bounds[best, 1]
 
 
-__all__ = ["MSEObserver", "MinMaxObserver", "OBSERVERS", "Observer", "PercentileObserver"]
+__all__ = ["MSEObserver", "MinMaxObserver", "OBSERVERS", "Observer", "PercentileObserver", "check_full_range"]

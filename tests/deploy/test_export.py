@@ -59,9 +59,10 @@ def test_unfolded_smoothing_divisors_are_refused_by_module(tmp_path):
     assert "unfused_scales: false" in str(info.value)
 
 
-@pytest.mark.parametrize("rotation", [{"name": "hadamard"}, {"name": "spinquant", "steps": 3}])
-def test_rotation_without_online_hadamard_exports_exactly(tmp_path, rotation):
-    spec = {**W4, "symmetric": True, "rotation": {**rotation, "online_down_proj": False}}
+@pytest.mark.parametrize("rotation, grid", [({"name": "hadamard"}, "narrow"), ({"name": "spinquant", "steps": 3}, "narrow"),
+                                           ({"name": "hadamard"}, "full")])
+def test_rotation_without_online_hadamard_exports_exactly(tmp_path, rotation, grid):
+    spec = {**W4, "symmetric": True, "symmetric_grid": grid, "rotation": {**rotation, "online_down_proj": False}}
     model = qapframe.quantize(tiny_llava(seed=1), spec, [llava_inputs(1, seed=i) for i in range(2)])
     inputs = llava_inputs(2, prompt_lengths=[3, 5], seed=7)
     with torch.no_grad():

@@ -35,6 +35,7 @@ def test_default_is_w4a16_per_group_with_default_ignores():
         ({"act_group_size": -2}, "act_group_size"),
         ({"scheme": "W3A3"}, "scheme"),
         ({"bits": 4}, "bits"),
+        ({"symmetric_grid": "wide"}, "symmetric_grid"),
     ],
 )
 def test_bad_values_name_the_field(params, field):

@@ -34,6 +34,36 @@ def test_rtn_weight_is_the_kernel_convention(bits, group, symmetric, rows, cols,
     assert torch.equal(dequantize_weight(codes, scales, zeros, g_idx), expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), group=st.sampled_from([-1, 4, 7]), seed=st.integers(0, 2**16))
+def test_the_full_symmetric_grid_against_a_direct_reference(bits, group, seed):
+    """Full range: scale max|x| / (2^(b-1) - 1/2), every code in [-2^(b-1), 2^(b-1) - 1], round half to even
+    (float32, as the grid computes: float64 would round some halves the other way)."""
+    x = torch.randn(3, 21, generator=torch.Generator().manual_seed(seed)) * 2
+    out = fake_quantize_groups(x, bits, group, True, full_range=True)
+    g = 21 if group == -1 else group
+    expected = torch.empty(3, 21)
+    for start in range(0, 21, g):
+        block = x[:, start : start + g]
+        scale = block.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 0.5)
+        codes = torch.clamp(torch.round(block / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        expected[:, start : start + g] = codes * scale
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_full_grid_has_a_finer_step_and_errs_by_at_most_half_of_it():
+    # max|x| sits 7.5 steps out: clipped to code 7 it is off by half a step, no more than rounding elsewhere
+    x = torch.linspace(-1, 1, 1001)[None, :]
+    narrow, full = (float(qparams(x, 4, True, f)[0]) for f in (False, True))
+    assert narrow == pytest.approx(1 / 7) and full == pytest.approx(1 / 7.5)
+    error = (fake_quantize_groups(x, 4, -1, True, full_range=True) - x).abs()
+    assert float(error[0, -1]) == pytest.approx(full / 2, rel=1e-5)  # +max|x| clipped
+    assert float(error.max()) <= full / 2 + 1e-6 < narrow / 2
+    assert float((fake_quantize_groups(x, 4, -1, True) - x).abs().max()) <= narrow / 2 + 1e-6
+    # asymmetric grids already span their range: full_range leaves them alone
+    assert torch.equal(fake_quantize_groups(x, 4, -1, False, full_range=True), fake_quantize_groups(x, 4, -1, False))
+
+
 def test_constant_groups_are_exact():
     w = torch.tensor([[0.5] * 4 + [-2.0] * 4, [0.0] * 8])
     for symmetric in (False, True):

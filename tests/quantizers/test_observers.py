@@ -11,8 +11,8 @@ from qapframe.quantizers.observers import OBSERVERS
 from tests.tiny_models import llava_inputs, tiny_llava
 
 
-def _calibrated(observer, batches, bits=8, symmetric=False):
-    quant = ActQuantizer(ActSpec(bits, -1, symmetric, dynamic=False), observer)
+def _calibrated(observer, batches, bits=8, symmetric=False, full_range=False):
+    quant = ActQuantizer(ActSpec(bits, -1, symmetric, dynamic=False, full_range=full_range), observer)
     for x in batches:
         quant.observe(x)
     quant.reduce_over_ranks()
@@ -58,16 +58,16 @@ def test_percentile_matches_the_empirical_quantile():
     assert lo == pytest.approx(ref[0].item(), rel=1e-6) and hi == pytest.approx(ref[1].item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("bits, symmetric", [(4, False), (8, True)])
-def test_mse_choice_minimises_the_error_over_its_grid(bits, symmetric):
+@pytest.mark.parametrize("bits, symmetric, full_range", [(4, False, False), (8, True, False), (4, True, True)])
+def test_mse_choice_minimises_the_error_over_its_grid(bits, symmetric, full_range):
     """Against a float64 brute force written independently of the observer."""
     batches = _with_outlier(seed=2, outlier=60.0)
     x = torch.cat([b.reshape(-1) for b in batches]).double()
-    lo, hi = _calibrated(OBSERVERS.get("mse")(grid=40, max_shrink=0.9), batches, bits, symmetric)
+    lo, hi = _calibrated(OBSERVERS.get("mse")(grid=40, max_shrink=0.9), batches, bits, symmetric, full_range)
 
     def error(a, b):
         if symmetric:
-            scale = max(abs(a), abs(b)) / (2 ** (bits - 1) - 1)
+            scale = max(abs(a), abs(b)) / (2 ** (bits - 1) - (0.5 if full_range else 1))
             q = torch.clamp(torch.round(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
         else:
             scale = (b - a) / (2**bits - 1)
@@ -79,6 +79,19 @@ def test_mse_choice_minimises_the_error_over_its_grid(bits, symmetric):
     errors = [error(r * lo0, r * hi0) for r in (1 - torch.arange(41).double() / 40 * 0.9).tolist()]
     assert error(lo, hi) == pytest.approx(min(errors), rel=1e-3)
     assert error(lo, hi) < error(lo0, hi0)  # clipping the outlier pays
+
+
+def test_an_observer_that_cannot_be_told_the_grid_is_refused_for_the_full_one():
+    class Legacy(OBSERVERS.get("minmax")):  # written before symmetric_grid existed
+        def range(self, lo, hi, bits, symmetric):
+            return lo, hi
+
+    assert _calibrated(Legacy(), _with_outlier(), 4, True) == _calibrated(OBSERVERS.get("minmax")(), _with_outlier(), 4, True)
+    quantizer = qapframe.QUANTIZERS.get("rtn")(scheme="W4A4", act_dynamic=False, act_symmetric=True,
+                                               act_symmetric_grid="full")
+    quantizer.config.act_observer.build = lambda: Legacy()
+    with pytest.raises(ValueError, match="act_observer .*takes no full_range argument.*act_symmetric_grid: narrow"):
+        quantizer.apply(tiny_llava(), [llava_inputs(1)])
 
 
 def test_observer_from_the_spec_end_to_end():

@@ -9,6 +9,8 @@ from tests.tiny_models import llava_inputs, tiny_llava
 @pytest.mark.parametrize("spec", [
     {"name": "gptq", "scheme": "W4A8", "group_size": 32, "act_order": True, "act_dynamic": False, "symmetric": True},
     {"name": "smoothquant", "scheme": "W8A8"},
+    {"name": "rtn", "scheme": "W4A4", "group_size": 32, "symmetric": True, "act_symmetric": True,
+     "symmetric_grid": "full", "act_symmetric_grid": "full"},
 ])
 def test_round_trip_is_exact(tmp_path, spec):
     calibration = [llava_inputs(1, seed=i) for i in range(4)]

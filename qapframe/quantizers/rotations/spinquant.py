@@ -75,7 +75,8 @@ def fake_quantize_weight(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor
 
 def fake_quantize_activation(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
     """Per-token (or per-group) dynamic quantize-dequantize of ``x [..., D]``, straight-through."""
-    return _ste(x, fake_quantize_groups(x.detach(), spec.bits, spec.group_size, spec.symmetric).to(x.dtype))
+    grid = fake_quantize_groups(x.detach(), spec.bits, spec.group_size, spec.symmetric, spec.full_range)
+    return _ste(x, grid.to(x.dtype))
 
 
 @dataclass
