@@ -132,26 +132,29 @@ def spec_reference() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _entries_section(registry, kind: str, intro: str) -> list[str]:
+    """``intro``, then each built-in entry of ``registry`` with its parameters, under ``### <kind> `name```."""
+    out = [intro, ""]
+    for entry in _builtin(registry):
+        out += [f"### {kind} `{entry.name}`", "", _first_line(entry.obj), "", *_fields_table(entry.obj.Config), ""]
+    return out
+
+
 def _rotations() -> list[str]:
     """The parameters of each built-in rotation (``quantizer.rotation: {name: <rotation>, ...parameters}``)."""
     from qapframe.quantizers.rotations import ROTATIONS
 
-    out = ["`quantizer.rotation` takes `{name: <rotation>, ...parameters}` (every quantizer above). The parameters of "
-           "each built-in rotation:", ""]
-    for entry in _builtin(ROTATIONS):
-        out += [f"### rotation `{entry.name}`", "", _first_line(entry.obj), "", *_fields_table(entry.obj.Config), ""]
-    return out
+    return _entries_section(ROTATIONS, "rotation", "`quantizer.rotation` takes `{name: <rotation>, ...parameters}` "
+                            "(every quantizer above). The parameters of each built-in rotation:")
 
 
 def _dataset_loaders() -> list[str]:
     """The options of each built-in dataset loader (``evaluation.dataset: {name: <loader>, ...options}``)."""
     from qapframe.data.base import DATASETS
 
-    out = ["`dataset` and `calibration_dataset` take a string (`synthetic`, a `.jsonl` file, a folder of "
-           "`<split>.jsonl`) or `{name: <loader>, ...options}`. The options of each built-in loader:", ""]
-    for entry in _builtin(DATASETS):
-        out += [f"### dataset loader `{entry.name}`", "", _first_line(entry.obj), "", *_fields_table(entry.obj.Config), ""]
-    return out
+    return _entries_section(DATASETS, "dataset loader", "`dataset` and `calibration_dataset` take a string "
+                            "(`synthetic`, a `.jsonl` file, a folder of `<split>.jsonl`) or `{name: <loader>, "
+                            "...options}`. The options of each built-in loader:")
 
 
 def readme_with_matrix(text: str) -> str:
