@@ -69,9 +69,11 @@ for _method in ("rtn", "gptq"):
 # default: of the weights ("full weight grid"), of the activations ("full act grid"), of both ("full grids").
 FULL_W, FULL_A = {"symmetric_grid": "full"}, {"act_symmetric_grid": "full"}
 for _method in ("rtn", "gptq"):
-    ROWS.append(("W4A16 g64", f"{_method}, full weight grid", {"name": _method, "scheme": "W4A16", **W4_G64, **FULL_W}))
+    ROWS.append(("W4A16 g64", f"{_method}, full weight grid",
+                 {"name": _method, "scheme": "W4A16", **W4_G64, **FULL_W}))
     for _label, _grids in (("full act grid", FULL_A), ("full grids", {**FULL_W, **FULL_A})):
-        ROWS.append(("W4A4 per-token", f"{_method} + hadamard, {_label}", {"name": _method, **W4A4_TOKEN, **ROTATION, **_grids}))
+        ROWS.append(("W4A4 per-token", f"{_method} + hadamard, {_label}",
+                     {"name": _method, **W4A4_TOKEN, **ROTATION, **_grids}))
 ROWS.append(("W4A4 per-token asym", "gptq + hadamard, full weight grid",
              {"name": "gptq", **W4A4_TOKEN, "act_symmetric": False, **ROTATION, **FULL_W}))
 ROWS.append(("W4A4 per-token", "rtn + spinquant, full act grid", {"name": "rtn", **W4A4_TOKEN, "rotation": SPINQUANT, **FULL_A}))

@@ -174,7 +174,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, spec: Weig
     # are visited out of order. Either way the grid comes from the fp weights, before any update.
     fixed_grid = g == in_f or order == "static"
     if fixed_grid:
-        scales, zeros = group_qparams(W, WeightSpec(spec.bits, g, spec.symmetric, spec.full_range))  # [O, G], channel order
+        # [O, G], channel order
+        scales, zeros = group_qparams(W, WeightSpec(spec.bits, g, spec.symmetric, spec.full_range))
     else:
         scales = torch.zeros(out_f, n_groups, device=W.device)
         zeros = torch.zeros(out_f, n_groups, device=W.device)

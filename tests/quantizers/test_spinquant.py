@@ -223,6 +223,17 @@ def test_without_head_rotations_only_the_stream_rotation_is_learned():
         assert _rel(model(**inputs).logits, reference) <= 1e-6
 
 
+def test_no_steps_is_the_hadamard_rotation():
+    inputs = {"input_ids": _ids(0)}
+    models = {name: _llama(48, 96, tied=False) for name in ("hadamard", "spinquant")}
+    ROTATIONS.get("hadamard")(seed=2).apply(models["hadamard"])
+    ROTATIONS.get("spinquant")(steps=0, seed=2).apply(models["spinquant"])  # no data needed, no fit called
+    for name, p in models["hadamard"].named_parameters():
+        torch.testing.assert_close(dict(models["spinquant"].named_parameters())[name], p, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert _rel(models["spinquant"](**inputs).logits, models["hadamard"](**inputs).logits) <= 1e-10
+
+
 def test_learning_is_seeded(toy_questions):
     calibration, _ = toy_questions
     context = CalibrationContext(calibration, W4A4.weight_spec, W4A4.act_spec, W4A4.targets, W4A4.ignore)

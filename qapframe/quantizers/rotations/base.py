@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from qapframe.quantizers.config import ActSpec, WeightSpec
 
 ROTATIONS: Registry[type["Rotation"]] = Registry(
-    "rotation", "qapframe.rotations", ("qapframe.quantizers.rotations.quarot", "qapframe.quantizers.rotations.spinquant")
+    "rotation", "qapframe.rotations",
+    ("qapframe.quantizers.rotations.quarot", "qapframe.quantizers.rotations.spinquant"),
 )
 
 

@@ -6,7 +6,8 @@ by minimising the next-token loss (or, with ``loss: fp_kl``, the divergence from
 with its activations (and, with ``weights_in_loss: quantized``, its weights) fake-quantized, gradients passed
 straight through the rounding. Every step is a Cayley transform on the orthogonal group (Wen & Yin, 2013;
 Li et al., 2020), so the rotations stay orthogonal and the fp model is unchanged whatever is learned; folding
-them into the weights afterwards is `rotate_decoder`'s exact rewrite. The online Hadamard on down_proj's input (SpinQuant's R4) stays fixed.
+them into the weights afterwards is `rotate_decoder`'s exact rewrite. The online Hadamard on down_proj's input
+(SpinQuant's R4) stays fixed.
 
 The learning forward never writes a weight: it calls the model with rotated copies of its weights
 (`torch.func.functional_call`), built from the fused weights and the current rotations at every step.
@@ -31,7 +32,9 @@ from qapframe.quantizers.config import ActSpec, WeightSpec
 from qapframe.quantizers.fake_quant import dequantize_weight, quantize_weight_rtn
 from qapframe.quantizers.rotations.base import ROTATIONS, CalibrationContext
 from qapframe.quantizers.rotations.hadamard import HadamardLinear, random_orthogonal
-from qapframe.quantizers.rotations.quarot import DecoderLayout, HadamardConfig, HadamardRotation, find_layout, rotate_decoder
+from qapframe.quantizers.rotations.quarot import (
+    DecoderLayout, HadamardConfig, HadamardRotation, find_layout, rotate_decoder,
+)
 from qapframe.quantizers.targets import select_linears
 
 log = logging.getLogger("qapframe.quantizers")
@@ -252,7 +255,8 @@ class SpinQuantConfig(HadamardConfig):
     init: Literal["hadamard", "orthogonal"] = Field(
         "hadamard", description="starting rotations: randomised Hadamard (SpinQuant's choice) or random orthogonal")
     steps: int = Field(100, ge=0, description="Cayley SGD steps (0: the starting rotation, unlearned)")
-    learning_rate: float = Field(1.5, gt=0, description="step size, decaying linearly to 0 (each step capped at 1/||A||)")
+    learning_rate: float = Field(
+        1.5, gt=0, description="step size, decaying linearly to 0 (each step capped at 1/||A||); fp_kl needs ~20")
     samples_per_step: int = Field(1, ge=1, description="calibration samples whose mean loss one step descends")
     weights_in_loss: Literal["quantized", "fp"] = Field(
         "quantized", description="fake-quantize the target weights (RTN) in the loss; SpinQuant uses fp before GPTQ")
@@ -286,8 +290,10 @@ class SpinQuantRotation(HadamardRotation):
             return random_orthogonal(d, self.config.seed + 1)
         return super().head_matrix(d)
 
-    def fit(self, model: nn.Module, context: CalibrationContext) -> None:
-        """Fuse the norms (and place the online Hadamard), then learn ``R1`` and each layer's ``R2``."""
+    def fit(self, model: nn.Module, context: CalibrationContext | None) -> None:
+        """Fuse the norms (and place the online Hadamard), then learn ``R1`` and each layer's ``R2``.
+
+        With ``steps: 0`` nothing is learned (``context`` may be None): the rotation is ``hadamard``'s."""
         cfg = self.config
         layout = find_layout(model)
         eye = torch.eye(layout.hidden, dtype=torch.float64)
@@ -296,7 +302,7 @@ class SpinQuantRotation(HadamardRotation):
         eye_d = torch.eye(layout.head_dim, dtype=torch.float64)
         R2 = [self.head_matrix(layout.head_dim) if cfg.rotate_heads else eye_d for _ in layout.layers]
         if cfg.steps > 0:
-            if not context.samples:
+            if context is None or not context.samples:
                 raise ValueError("rotation spinquant: steps > 0 needs calibration samples to learn from")
             R1, R2 = self._learn(model, layout, context, R1, R2)
         self.learned = (R1, R2)
@@ -327,15 +333,23 @@ class SpinQuantRotation(HadamardRotation):
                 if cfg.rotate_heads:
                     R2 = [cayley_step(r, g, step_size) for r, g in zip(R2, grads[1:])]
                 self.losses.append(loss.item())
-                log.debug("qapframe: spinquant step %d/%d loss %.4f", step + 1, cfg.steps, loss.item())
+                every = max(1, cfg.steps // 10)  # about ten progress lines, each the mean loss since the last
+                if (step + 1) % every == 0 or step + 1 == cfg.steps:
+                    recent = self.losses[-every:]
+                    log.info("qapframe: spinquant step %d/%d: loss %.4f (%.1f s)", step + 1, cfg.steps,
+                             sum(recent) / len(recent), time.perf_counter() - start)
         model.train(was_training)
-        log.info("qapframe: spinquant learned R1 [%d] and %d R2 [%d] in %d steps (%.0f s): loss %.4f -> %.4f",
-                 layout.hidden, len(R2) if cfg.rotate_heads else 0, layout.head_dim, cfg.steps, time.perf_counter() - start,
-                 self.losses[0], self.losses[-1])
+        tenth = max(1, cfg.steps // 10)
+        log.info("qapframe: spinquant learned R1 [%d] and %d R2 [%d] in %d steps (%.0f s): loss %.4f -> %.4f "
+                 "(first and last tenth of the steps)", layout.hidden, len(R2) if cfg.rotate_heads else 0,
+                 layout.head_dim, cfg.steps, time.perf_counter() - start,
+                 sum(self.losses[:tenth]) / tenth, sum(self.losses[-tenth:]) / tenth)
         return nearest_orthogonal(R1), [nearest_orthogonal(r) for r in R2]
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Fold the learned rotations into the (already fused) weights; `fit` must have run."""
+        if self.learned is None and self.config.steps == 0:
+            self.fit(model, None)
         if self.learned is None:
             raise ValueError("rotation spinquant learns its rotations from calibration data: use it as a "
                              "quantizer's rotation (quantizer: {name: gptq, rotation: {name: spinquant}}), which "
@@ -346,5 +360,5 @@ class SpinQuantRotation(HadamardRotation):
         return model
 
 
-__all__ = ["QuantizedLoss", "SpinQuantConfig", "SpinQuantRotation", "cayley_step", "fake_quantize_activation", "fake_quantize_weight",
-           "nearest_orthogonal", "rotated_parameters"]
+__all__ = ["QuantizedLoss", "SpinQuantConfig", "SpinQuantRotation", "cayley_step", "fake_quantize_activation",
+           "fake_quantize_weight", "nearest_orthogonal", "rotated_parameters"]
