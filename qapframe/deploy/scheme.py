@@ -95,12 +95,13 @@ def module_scheme(name: str, module: QuantizedLinear, act_order: str = "off") ->
 
 def _activation_args(name: str, module: QuantizedLinear) -> dict:
     s = module.act_quant.spec
-    if s.symmetric and s.bits < 8:
-        # compressed-tensors' symmetric grid is amax / 2^(b-1), qapframe's amax / (2^(b-1) - 1): at 8 bits a
-        # 0.4% scale difference, at 4 bits 14%, which changes the model.
+    if s.symmetric and not s.full_range and s.bits < 8:
+        # compressed-tensors' symmetric grid is the full one, amax / (2^(b-1) - 1/2); qapframe's narrow grid is
+        # amax / (2^(b-1) - 1): at 8 bits a 0.4% scale difference, at 4 bits 7%, which changes the model.
         raise _refuse(
-            name, f"symmetric {s.bits}-bit activations (compressed-tensors scales them by amax/{2 ** (s.bits - 1)}, "
-            f"qapframe by amax/{2 ** (s.bits - 1) - 1})", "act_symmetric: false, or 8-bit activations",
+            name, f"symmetric {s.bits}-bit activations on the narrow grid (compressed-tensors scales them by "
+            f"amax/{2 ** (s.bits - 1) - 0.5}, the narrow grid by amax/{2 ** (s.bits - 1) - 1})",
+            "act_symmetric_grid: full, act_symmetric: false, or 8-bit activations",
         )
     if s.dynamic:
         if s.group_size == -1:

@@ -9,16 +9,13 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from qapframe.quantizers.observers import OBSERVERS
 from qapframe.quantizers.rotations.base import RotationSpec
+from qapframe.quantizers.targets import DEFAULT_IGNORE
 from qapframe.strategy import StrategySpec
 from qapframe.strategy import StrategyConfig
 
 # scheme -> (weight_bits, act_bits); act_bits 16 means activations stay in the model's dtype.
 PRESETS: dict[str, tuple[int, int]] = {"W4A16": (4, 16), "W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 
-# Linear layers that stay fp by default: the vision side and the heads (the LLM's Linears are the targets).
-# The BERT pooler is a classification head that never touches the hidden states, like lm_head.
-# Qwen-VL keeps its vision tower and patch merger(s) under ``model.visual``.
-DEFAULT_IGNORE = ["*vision_tower*", "*multi_modal_projector*", "*.visual.*", "*lm_head*", "*pooler*"]
 
 
 @dataclass(frozen=True)
@@ -127,14 +124,15 @@ class QuantizerConfig(StrategyConfig):
 
     @property
     def weight_spec(self) -> WeightSpec:
-        return WeightSpec(self.weight_bits, self.group_size, self.symmetric, self.symmetric_grid == "full")
+        return WeightSpec(self.weight_bits, self.group_size, self.symmetric,
+                          self.symmetric and self.symmetric_grid == "full")
 
     @property
     def act_spec(self) -> ActSpec | None:
         if self.act_bits >= 16:
             return None
         return ActSpec(self.act_bits, self.act_group_size, self.act_symmetric, self.act_dynamic,
-                       self.act_symmetric_grid == "full")
+                       self.act_symmetric and self.act_symmetric_grid == "full")
 
 
 __all__ = ["ActSpec", "DEFAULT_IGNORE", "ObserverSpec", "PRESETS", "QuantizerConfig", "WeightSpec"]

@@ -102,7 +102,8 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"bits={s.bits}, group_size={s.group_size}, symmetric={s.symmetric}, dynamic={s.dynamic}"
+        grid = ", full_range=True" if s.full_range else ""
+        return f"bits={s.bits}, group_size={s.group_size}, symmetric={s.symmetric}, dynamic={s.dynamic}{grid}"
 
 
 @contextlib.contextmanager
@@ -247,7 +248,8 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight_spec
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={w.bits}, "
-                f"group_size={w.group_size}, symmetric={w.symmetric}, quantized={self.quantized}")
+                f"group_size={w.group_size}, symmetric={w.symmetric}, quantized={self.quantized}"
+                + (", full_range=True" if w.full_range else ""))
 
 
 __all__ = [

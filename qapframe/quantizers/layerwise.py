@@ -37,8 +37,6 @@ class LayerwiseQuantizer(Quantizer):
         module = QuantizedLinear.from_linear(linear, self.config.weight_spec, self.config.act_spec)
         if module.act_quant is not None and not module.act_quant.spec.dynamic:
             module.act_quant.observer = self.config.act_observer.build()  # one per module: it keeps samples
-            if module.act_quant.spec.full_range:
-                check_full_range(module.act_quant.observer)
         return module
 
     @torch.no_grad()
@@ -57,6 +55,9 @@ class LayerwiseQuantizer(Quantizer):
                 f"{who} needs calibration data (an iterable of model-input dicts); "
                 "only RTN with dynamic activations (act_dynamic=true) and a fixed rotation runs without it"
             )
+        act = cfg.act_spec
+        if act is not None and act.full_range and not act.dynamic:  # before any time is spent
+            check_full_range(cfg.act_observer.build())
         was_training = model.training
         model.eval()
         if rotation is not None:  # first: every later step sees the rotated model

@@ -7,6 +7,11 @@ import re
 
 from torch import nn
 
+# Linear layers that stay fp by default: the vision side and the heads (the LLM's Linears are the targets).
+# The BERT pooler is a classification head that never touches the hidden states, like lm_head.
+# Qwen-VL keeps its vision tower and patch merger(s) under ``model.visual``.
+DEFAULT_IGNORE = ["*vision_tower*", "*multi_modal_projector*", "*.visual.*", "*lm_head*", "*pooler*"]
+
 
 def name_matches(name: str, pattern: str) -> bool:
     """fnmatch on the qualified module name; a ``re:`` prefix makes the rest a regex (``re.search``)."""

@@ -30,6 +30,11 @@ LLAVA_CASES = {
     "rtn-w8a8-default": {"name": "rtn", "scheme": "W8A8"},
     "rtn-w8a8-symacts": {"name": "rtn", "scheme": "W8A8", "group_size": -1, "symmetric": True, "act_symmetric": True},
     "gptq-w8a8-static": {"name": "gptq", "scheme": "W8A8", "group_size": 32, "act_dynamic": False},
+    # the full symmetric grids are compressed-tensors' own: symmetric activations then match as asymmetric ones do
+    "rtn-w8a8-symacts-full": {"name": "rtn", "scheme": "W8A8", "group_size": -1, "symmetric": True, "act_symmetric": True,
+                              "symmetric_grid": "full", "act_symmetric_grid": "full"},
+    "rtn-w4a4-full": {"name": "rtn", "scheme": "W4A4", "group_size": 32, "symmetric": True, "act_symmetric": True,
+                      "symmetric_grid": "full", "act_symmetric_grid": "full"},
 }
 MINILM_CASES = {  # BERT widths 384 and 1536: group 128 divides both
     "rtn-w4a16-g128": {"name": "rtn", "scheme": "W4A16", "group_size": 128},

@@ -34,7 +34,7 @@ def test_unquantized_model_is_refused(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ({"name": "gptq", "scheme": "W4A16", "group_size": 32, "act_order": "group"}, "act_order: static"),
-    ({"name": "rtn", "scheme": "W4A4", "group_size": 32, "act_symmetric": True}, "act_symmetric: false, or 8-bit"),
+    ({"name": "rtn", "scheme": "W4A4", "group_size": 32, "act_symmetric": True}, "act_symmetric_grid: full, act_symmetric: false, or 8-bit"),
     ({"name": "rtn", "scheme": "W4A16", "group_size": 48}, "group_size dividing 64"),
     ({"name": "rtn", "scheme": "W4A16", "group_size": 32, "rotation": {"name": "hadamard"}}, "online_down_proj: false"),
     ({"name": "rtn", "scheme": "W4A8", "group_size": 32}, "symmetric: true, or weight-only"),

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from qapframe.quantizers.targets import DEFAULT_IGNORE
 from qapframe.registry import Registry
 from qapframe.strategy import Strategy, StrategySpec
 
@@ -32,7 +33,7 @@ class CalibrationContext:
     weight_spec: "WeightSpec"
     act_spec: "ActSpec | None"
     targets: list[str] = field(default_factory=lambda: ["*"])
-    ignore: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
 
 
 class Rotation(Strategy, abc.ABC):

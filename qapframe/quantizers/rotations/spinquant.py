@@ -194,11 +194,29 @@ class _InputQuantization:
             self.enabled = True
 
 
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients while the rotations learn (only they need a graph), then as before."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 class QuantizedLoss:
     """The learning objective of the fused model rotated by ``(R1, R2)``, fake-quantized.
 
     ``next_token`` (SpinQuant's): the next-token cross-entropy, exactly the loss of the model that
     `rotate_decoder` and RTN quantization (dynamic activations) would make from the same rotations.
+    Activations are quantized per token (or group) as they come, also for a quantizer with static ranges,
+    which are calibrated only after the rotation: the loss then stands in for the static grid.
     ``fp_kl``: the KL divergence from the fp model's next-token distribution to the quantized one's, on the
     same positions; it asks the quantized model to match the fp one, not to fit the calibration text better
     than fp does (VQA prompts are not the text an LLM was trained to predict).
@@ -314,10 +332,9 @@ class SpinQuantRotation(HadamardRotation):
         device = layout.decoder.embed_tokens.weight.device
         order = torch.Generator().manual_seed(cfg.seed)
         n = len(context.samples)
-        was_training = model.training
-        model.eval()
+        self.losses = []
         start = time.perf_counter()
-        with torch.enable_grad(), objective.quantizing():
+        with torch.enable_grad(), objective.quantizing(), _frozen(model):
             for step in range(cfg.steps):
                 r1 = R1.to(device=device, dtype=torch.float32).requires_grad_()
                 r2 = [r.to(device=device, dtype=torch.float32).requires_grad_(cfg.rotate_heads) for r in R2]
@@ -338,7 +355,6 @@ class SpinQuantRotation(HadamardRotation):
                     recent = self.losses[-every:]
                     log.info("qapframe: spinquant step %d/%d: loss %.4f (%.1f s)", step + 1, cfg.steps,
                              sum(recent) / len(recent), time.perf_counter() - start)
-        model.train(was_training)
         tenth = max(1, cfg.steps // 10)
         log.info("qapframe: spinquant learned R1 [%d] and %d R2 [%d] in %d steps (%.0f s): loss %.4f -> %.4f "
                  "(first and last tenth of the steps)", layout.hidden, len(R2) if cfg.rotate_heads else 0,
