@@ -31,7 +31,8 @@ class LayerwiseQuantizer(Quantizer):
         spec = self.config.act_spec
         if spec is None:
             return None
-        return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
+        return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+                "full_range": spec.full_range}
 
     def wrap(self, linear: nn.Linear) -> QuantizedLinear:
         module = QuantizedLinear.from_linear(linear, self.config.weight_spec, self.config.act_spec)

@@ -15,6 +15,7 @@ class QuantSettings:
     bits: int = 4
     group_size: int = 128  # channels per quantization group; -1 = the whole token
     symmetric: bool = False
+    full_range: bool = False  # a symmetric grid scaled by max|x| / (2^(b-1) - 1/2) (qapframe.quant_grid)
 
 
 @dataclass(frozen=True)

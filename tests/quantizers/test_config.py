@@ -48,7 +48,9 @@ def test_activation_settings_follow_config():
     gptq = QUANTIZERS.get("gptq")
     assert gptq(scheme="W4A16").activation_settings() is None
     settings = gptq(scheme="W4A4", act_group_size=64, act_symmetric=True).activation_settings()
-    assert settings == {"bits": 4, "group_size": 64, "symmetric": True}
+    assert settings == {"bits": 4, "group_size": 64, "symmetric": True, "full_range": False}
+    full = gptq(scheme="W4A4", act_symmetric=True, act_symmetric_grid="full").activation_settings()
+    assert full["full_range"] is True
 
 
 def test_composed_quantizer_from_spec_is_validated():
