@@ -92,8 +92,16 @@ class _Rotated:
     quantize: bool  # a target Linear's weight: fake-quantized when weights_in_loss is "quantized"
 
 
-def _heads(R2: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.block_diag(*([R2] * count))
+def _rows_per_head(W: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
+    """``R2^T W_h`` for each head's block of rows of ``W [H d, I]`` (v_proj's output), per head: no block diagonal."""
+    d = R2.shape[0]
+    return torch.einsum("ji,hjk->hik", R2.to(W.dtype), W.reshape(-1, d, W.shape[1])).reshape(W.shape)
+
+
+def _columns_per_head(W: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
+    """``W[:, h] R2`` for each head's block of columns of ``W [O, H d]`` (o_proj's input, or v_proj's bias)."""
+    d = R2.shape[0]
+    return torch.einsum("ohj,jk->ohk", W.reshape(W.shape[0], -1, d), R2.to(W.dtype)).reshape(W.shape)
 
 
 def rotated_parameters(model: nn.Module, layout: DecoderLayout, targets: set[str]) -> list[_Rotated]:
@@ -103,7 +111,6 @@ def rotated_parameters(model: nn.Module, layout: DecoderLayout, targets: set[str
     o_proj's input columns ``W_o[:, h] R2``), as functions, so that gradients reach the rotations.
     """
     names = {id(m): n for n, m in model.named_modules()}
-    d = layout.head_dim
     out: list[_Rotated] = []
 
     def add(module: nn.Module, attr: str, build, layer=None) -> None:
@@ -131,12 +138,10 @@ def rotated_parameters(model: nn.Module, layout: DecoderLayout, targets: set[str
         attn, mlp = layer.self_attn, layer.mlp
         for linear in (attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.up_proj):
             add(linear, "weight", read)
-        heads_v = attn.v_proj.out_features // d
-        add(attn.v_proj, "weight", lambda t, R1, R2, h=heads_v: _heads(R2, h).to(t.dtype).T @ (t @ R1.to(t.dtype)), i)
+        add(attn.v_proj, "weight", lambda t, R1, R2: _rows_per_head(t @ R1.to(t.dtype), R2), i)
         if attn.v_proj.bias is not None:
-            add(attn.v_proj, "bias", lambda t, R1, R2, h=heads_v: t @ _heads(R2, h).to(t.dtype), i)
-        heads_o = attn.o_proj.in_features // d
-        add(attn.o_proj, "weight", lambda t, R1, R2, h=heads_o: R1.to(t.dtype).T @ t @ _heads(R2, h).to(t.dtype), i)
+            add(attn.v_proj, "bias", lambda t, R1, R2: _columns_per_head(t[None, :], R2)[0], i)
+        add(attn.o_proj, "weight", lambda t, R1, R2: _columns_per_head(R1.to(t.dtype).T @ t, R2), i)
         add(mlp.down_proj, "weight", write)
         for writer in (attn.o_proj, mlp.down_proj):
             if writer.bias is not None:
