@@ -17,7 +17,6 @@ from qapframe.strategy import StrategyConfig
 PRESETS: dict[str, tuple[int, int]] = {"W4A16": (4, 16), "W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 
 
-
 @dataclass(frozen=True)
 class WeightSpec:
     """How one weight matrix is quantized."""
