@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", nargs="*", help="only rows whose 'setting | method' contains one of these")
+    parser.add_argument("--exact", action="store_true", help="--rows names whole 'setting | method' keys")
     parser.add_argument("--peer-python", type=Path, help="python of a virtualenv with llmcompressor installed")
     parser.add_argument("--out", type=Path, help="JSON written as rows finish")
     parser.add_argument("--append", action="store_true",
@@ -172,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     from qapframe.sources import resolve_named_model
 
     model_dir = resolve_named_model(args.model) or Path(args.model)
-    rows = [r for r in ROWS if not args.rows or any(s in row_key(r[0], r[1]) for s in args.rows)]
+    def wanted(key: str) -> bool:
+        return not args.rows or any(s == key if args.exact else s in key for s in args.rows)
+
+    rows = [r for r in ROWS if wanted(row_key(r[0], r[1]))]
+    unknown = [s for s in args.rows or [] if args.exact and s not in {row_key(r[0], r[1]) for r in ROWS}]
+    if unknown:
+        raise SystemExit(f"--exact: no row is called {unknown}; rows: {[row_key(r[0], r[1]) for r in ROWS]}")
     with tempfile.TemporaryDirectory(prefix="qapframe-llm-bench-") as tmp:
         workdir = Path(tmp)
         data_info = prepare_data(model_dir, args, workdir / "data.pt")
