@@ -11,6 +11,6 @@ from qapframe.quantizers.rotations.hadamard import (
 from qapframe.quantizers.rotations.quarot import HadamardRotation, OrthogonalRotation
 
 __all__ = [
-    "CalibrationContext", "HadamardLinear", "HadamardRotation", "OnlineHadamard", "OrthogonalRotation", "ROTATIONS", "Rotation",
-    "RotationSpec", "hadamard_factors", "hadamard_matrix", "random_hadamard", "random_orthogonal",
+    "CalibrationContext", "HadamardLinear", "HadamardRotation", "OnlineHadamard", "OrthogonalRotation", "ROTATIONS",
+    "Rotation", "RotationSpec", "hadamard_factors", "hadamard_matrix", "random_hadamard", "random_orthogonal",
 ]

@@ -176,7 +176,7 @@ def rotate_decoder(model: nn.Module, Q: torch.Tensor, head_rotation: torch.Tenso
         _write(attn.o_proj, Q)
         if head_rotation is not None:
             R = head_rotation[i] if isinstance(head_rotation, (list, tuple)) else head_rotation
-            _rotate_heads(attn, R.to(Q.device), layout.head_dim)
+            _rotate_heads(attn, R.to(Q.device))
         down = mlp.down_proj
         _write(down, Q)
         if online_down_proj:
@@ -189,17 +189,25 @@ def rotate_decoder(model: nn.Module, Q: torch.Tensor, head_rotation: torch.Tenso
     return layout
 
 
-def _rotate_heads(attn: nn.Module, R: torch.Tensor, head_dim: int) -> None:
+def head_rows_rotated(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``R^T W_h`` for each head's block of ``d`` rows of ``W [H d, I]`` (v_proj: ``v_h -> v_h R``), ``R [d, d]``."""
+    d = R.shape[0]
+    return torch.einsum("ji,hjk->hik", R.to(W.dtype), W.reshape(-1, d, W.shape[1])).reshape(W.shape)
+
+
+def head_columns_rotated(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``W[:, h] R`` for each head's block of ``d`` columns of ``W [O, H d]`` (o_proj's input), ``R [d, d]``."""
+    d = R.shape[0]
+    return torch.einsum("ohj,jk->ohk", W.reshape(W.shape[0], -1, d), R.to(W.dtype)).reshape(W.shape)
+
+
+def _rotate_heads(attn: nn.Module, R: torch.Tensor) -> None:
     """``v_h -> v_h R`` for every value head and o_proj's input columns per head ``-> R``."""
     v, o = attn.v_proj, attn.o_proj
-    heads_v = v.out_features // head_dim
-    w = v.weight.double().reshape(heads_v, head_dim, -1)  # [Hkv, d, D]
-    _set(v.weight, torch.einsum("ji,hjk->hik", R, w).reshape(v.out_features, -1))  # R^T W_h
+    _set(v.weight, head_rows_rotated(v.weight.double(), R))
     if v.bias is not None:
-        _set(v.bias, (v.bias.double().reshape(heads_v, head_dim) @ R).reshape(-1))
-    heads_o = o.in_features // head_dim
-    w = o.weight.double().reshape(o.out_features, heads_o, head_dim)  # [D, H, d]
-    _set(o.weight, torch.einsum("ohj,jk->ohk", w, R).reshape(o.out_features, -1))  # W_o[:, h] R
+        _set(v.bias, head_columns_rotated(v.bias.double()[None, :], R)[0])
+    _set(o.weight, head_columns_rotated(o.weight.double(), R))
 
 
 class HadamardConfig(StrategyConfig):
@@ -251,4 +259,4 @@ class OrthogonalRotation(HadamardRotation):
 
 
 __all__ = ["DecoderLayout", "HadamardConfig", "HadamardRotation", "OrthogonalConfig", "OrthogonalRotation",
-           "find_layout", "rotate_decoder"]
+           "find_layout", "head_columns_rotated", "head_rows_rotated", "rotate_decoder"]

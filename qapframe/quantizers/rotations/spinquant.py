@@ -33,7 +33,8 @@ from qapframe.quantizers.fake_quant import dequantize_weight, quantize_weight_rt
 from qapframe.quantizers.rotations.base import ROTATIONS, CalibrationContext
 from qapframe.quantizers.rotations.hadamard import HadamardLinear, random_orthogonal
 from qapframe.quantizers.rotations.quarot import (
-    DecoderLayout, HadamardConfig, HadamardRotation, find_layout, rotate_decoder,
+    DecoderLayout, HadamardConfig, HadamardRotation, find_layout, head_columns_rotated, head_rows_rotated,
+    rotate_decoder,
 )
 from qapframe.quantizers.targets import select_linears
 
@@ -92,18 +93,6 @@ class _Rotated:
     quantize: bool  # a target Linear's weight: fake-quantized when weights_in_loss is "quantized"
 
 
-def _rows_per_head(W: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
-    """``R2^T W_h`` for each head's block of rows of ``W [H d, I]`` (v_proj's output), per head: no block diagonal."""
-    d = R2.shape[0]
-    return torch.einsum("ji,hjk->hik", R2.to(W.dtype), W.reshape(-1, d, W.shape[1])).reshape(W.shape)
-
-
-def _columns_per_head(W: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
-    """``W[:, h] R2`` for each head's block of columns of ``W [O, H d]`` (o_proj's input, or v_proj's bias)."""
-    d = R2.shape[0]
-    return torch.einsum("ohj,jk->ohk", W.reshape(W.shape[0], -1, d), R2.to(W.dtype)).reshape(W.shape)
-
-
 def rotated_parameters(model: nn.Module, layout: DecoderLayout, targets: set[str]) -> list[_Rotated]:
     """How each stream-touching weight of a fused model depends on ``R1`` and its layer's ``R2``.
 
@@ -129,23 +118,23 @@ def rotated_parameters(model: nn.Module, layout: DecoderLayout, targets: set[str
         if module is not None:
             add(module, "weight", write)
             if module.bias is not None:
-                add(module, "bias", lambda t, R1, R2: t @ R1.to(t.dtype))
+                add(module, "bias", read)  # a writer's bias: R1^T b = b R1
     param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     for p in layout.extra_stream:
         tensor = p.detach()
-        out.append(_Rotated(param_names[id(p)], lambda R1, R2, t=tensor: t @ R1.to(t.dtype), None, False))
+        out.append(_Rotated(param_names[id(p)], lambda R1, R2, t=tensor: read(t, R1, R2), None, False))
     for i, layer in enumerate(layout.layers):
         attn, mlp = layer.self_attn, layer.mlp
         for linear in (attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.up_proj):
             add(linear, "weight", read)
-        add(attn.v_proj, "weight", lambda t, R1, R2: _rows_per_head(t @ R1.to(t.dtype), R2), i)
+        add(attn.v_proj, "weight", lambda t, R1, R2: head_rows_rotated(read(t, R1, R2), R2), i)
         if attn.v_proj.bias is not None:
-            add(attn.v_proj, "bias", lambda t, R1, R2: _columns_per_head(t[None, :], R2)[0], i)
-        add(attn.o_proj, "weight", lambda t, R1, R2: _columns_per_head(R1.to(t.dtype).T @ t, R2), i)
+            add(attn.v_proj, "bias", lambda t, R1, R2: head_columns_rotated(t[None, :], R2)[0], i)
+        add(attn.o_proj, "weight", lambda t, R1, R2: head_columns_rotated(write(t, R1, R2), R2), i)
         add(mlp.down_proj, "weight", write)
         for writer in (attn.o_proj, mlp.down_proj):
             if writer.bias is not None:
-                add(writer, "bias", lambda t, R1, R2: t @ R1.to(t.dtype))
+                add(writer, "bias", read)  # R1^T b = b R1
     return out
 
 
