@@ -3,7 +3,7 @@
     python benchmarks/pruning_cost.py [--repeats 15] [--json benchmarks/results/pruning_cost.json]
 
 For each method (scorer + pruner as a spec names them) and retention, the time of ``scorer.score`` +
-``pruner.select`` on one image's context, 576 tokens (PyramidDrop, SparseVLM: their three stages on the
+``pruner.select`` (+ ``Selection.gather``, the tokens a pre-LLM method hands the LLM) on one image's context, 576 tokens (PyramidDrop, SparseVLM: their three stages on the
 shrinking token sets, SparseVLM's first two adaptive), median of ``--repeats``, one thread, float32, compared
 against two prefills:
 - ``share_7b``: at D = 4096 (LLaVA-1.5-7B's width), against the LLaVA-1.5-7B prefill (576 vision + 40
@@ -45,13 +45,14 @@ METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
     "cdpruner + hybrid relevance": ({"name": "hybrid", "semantic": {"name": "cdpruner"}}, {"name": "cdpruner"}, 1),
     "divprune": ({"name": "l2norm"}, {"name": "divprune"}, 1),
     "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}, 1),
+    "tome": ({"name": "l2norm"}, {"name": "tome"}, 1),
     "fastv (in-LLM)": ({"name": "fastv"}, {"name": "topk"}, 1),
     "dart (in-LLM)": ({"name": "fastv"}, {"name": "dart"}, 1),
     "pyramiddrop (in-LLM, 3 stages)": ({"name": "pyramiddrop"}, {"name": "topk"}, 3),
     "sparsevlm (in-LLM, 3 stages)": ({"name": "sparsevlm"}, {"name": "sparsevlm"}, 3),
 }
 RATERS = 20  # SparseVLM's text raters per image: an assumed half of the TEXT tokens
-PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner"}
+PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner", "tome"}
 
 
 def make(registry, spec: dict, **extra):
@@ -86,7 +87,9 @@ def selection_seconds(label: str, retention: float, d: int, repeats: int) -> flo
 
     def run():
         for ctx, p in zip(contexts, stage_pruners):
-            p.select(scorer.score(ctx), ctx)
+            selection = p.select(scorer.score(ctx), ctx)
+            if label in PRE_LLM:  # the tokens the LLM receives: ToMe forms its group means here
+                selection.gather(ctx.vision_embeds)
 
     return prefill.timed(run, repeats)  # its warm-up call compiles (or loads) the numba kernels
 

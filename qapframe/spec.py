@@ -171,6 +171,22 @@ class PipelineSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _scorer_and_pruner_compose(self) -> "PipelineSpec":
+        # The check every install makes, here too, so that `qapframe validate` reports it before a model loads.
+        if self.scorer is not None and self.pruner is not None:
+            from qapframe.strategies.base import requirements_of
+
+            try:
+                requirements_of(self.scorer.build(), self.pruner.build())
+            except ValueError as exc:
+                raise ValidationError.from_exception_data(
+                    type(self).__name__,
+                    [InitErrorDetails(type=PydanticCustomError("composition", str(exc)), loc=("pruner",),
+                                      input=self.pruner.name)],
+                ) from None
+        return self
+
+    @model_validator(mode="after")
     def _one_calibration_count(self) -> "PipelineSpec":
         # evaluation.calibration_samples decides how many records the runner builds; a quantizer that
         # took a different number would silently re-subsample them (and differently under torchrun,

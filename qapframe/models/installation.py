@@ -44,10 +44,9 @@ from qapframe.models.pruning import (
     ImageTokens,
     image_spans,
     rebuild_sequences,
-    requirements_of,
     select_per_image,
 )
-from qapframe.strategies.base import Pruner, Scorer
+from qapframe.strategies.base import Pruner, Scorer, requirements_of
 from qapframe.strategies.context import QuantSettings
 
 ATTR = "qapframe_installation"  # where an installed model keeps its `Installation`
@@ -59,14 +58,8 @@ class Installation:
     def __init__(self, adapter: "HookingAdapter", model, scorer: Scorer, pruner: Pruner, quant, seed: int):
         self.adapter, self.model = adapter, model
         self.scorer, self.pruner, self.quant, self.seed = scorer, pruner, quant, seed
-        self.requirements = requirements_of(scorer, pruner)
         # Resolved before anything is attached, so that a bad setting leaves the model untouched.
-        if (self.requirements.llm_hidden or self.requirements.rater_attention) and not self.requirements.in_llm:
-            raise ValueError(
-                f"scorer {scorer.name!r} with pruner {pruner.name!r} needs context from inside the LLM (hidden "
-                f"states or text raters' attention), but neither names an in-LLM pruning point; pair it with an "
-                f"in-LLM scorer (e.g. sparsevlm, pyramiddrop, fastv)"
-            )
+        self.requirements = requirements_of(scorer, pruner)
         ranking_layers = adapter.ranking_layers(model, self.requirements) if self.requirements.in_llm else None
         base = model.model
         # The images of one prompt may come from several feature calls (Qwen: images, then videos), made

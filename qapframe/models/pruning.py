@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qapframe.strategies.base import Pruner, Scorer
-from qapframe.strategies.context import QuantSettings, Requirements, ScoringContext
+from qapframe.strategies.base import Pruner, Scorer, weighted_rows
+from qapframe.strategies.context import QuantSettings, ScoringContext
 
 
 @dataclass
@@ -42,22 +42,24 @@ class ImageSelection:
     keep_index: torch.Tensor  # [K] int64, ascending
     extra_tokens: torch.Tensor | None  # [M, D] pre-LLM: embeddings the LLM receives; in-LLM: merged hidden states
     scores: torch.Tensor  # [P] scores of the prunable tokens
+    kept_weights: torch.Tensor | None = None  # [K, N] pre-LLM: each kept token as a weighted sum (ToMe's group means)
 
     @property
     def num_tokens(self) -> int:
         return self.keep_index.numel() + (0 if self.extra_tokens is None else self.extra_tokens.shape[0])
 
+    def kept(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``per_token [..., N, D]`` (features, or data that follows them) -> the kept tokens' ``[..., K, D]``."""
+        if self.kept_weights is None:
+            return per_token[..., self.keep_index.to(per_token.device), :]
+        return weighted_rows(self.kept_weights.to(per_token.device), per_token)
+
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         """``features [N, D]`` -> the LLM's tokens for this image ``[K + M, D]``."""
-        kept = features[self.keep_index]
+        kept = self.kept(features)
         if self.extra_tokens is None:
             return kept
         return torch.cat([kept, self.extra_tokens.to(kept.dtype)], dim=0)
-
-
-def requirements_of(scorer: Scorer, pruner: Pruner) -> Requirements:
-    """What the adapter must compute: the scorer's needs plus the pruner's (VisionZip merges by keys)."""
-    return scorer.requirements().union(pruner.requirements())
 
 
 def select_per_image(
@@ -128,9 +130,16 @@ def select_per_image(
         selection = group_pruner.select(scores, context)
         for g, i in enumerate(members):
             structural = (~images[i].prunable).nonzero().squeeze(-1)
-            keep = torch.cat([idx[g][selection.keep_index[g].to(idx[g].device)], structural]).sort().values
+            keep, order = torch.cat([idx[g][selection.keep_index[g].to(idx[g].device)], structural]).sort()
             extra = None if selection.extra_tokens is None else selection.extra_tokens[g]
-            out[i] = ImageSelection(keep_index=keep, extra_tokens=extra, scores=scores[g].detach())
+            weights = None
+            if selection.kept_weights is not None:  # [K, P] over the prunable tokens -> [K + S, N], in keep's order
+                w = selection.kept_weights[g]
+                weights = w.new_zeros(w.shape[0] + structural.numel(), images[i].num_tokens)
+                weights[: w.shape[0], idx[g].to(w.device)] = w
+                weights[torch.arange(w.shape[0], weights.shape[0]), structural.to(w.device)] = 1.0
+                weights = weights[order.to(w.device)]
+            out[i] = ImageSelection(keep_index=keep, extra_tokens=extra, scores=scores[g].detach(), kept_weights=weights)
     return out  # type: ignore[return-value]
 
 

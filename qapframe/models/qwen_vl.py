@@ -254,7 +254,7 @@ class QwenVLAdapter(HookingAdapter):
         for im, sel in zip(images, selections):
             features[im.modality].append(sel.tokens(im.features))
             if im.per_token is not None and "deepstack" in im.per_token:
-                ds = im.per_token["deepstack"][:, sel.keep_index.to(im.features.device)]  # [n_ds, K, D]
+                ds = sel.kept(im.per_token["deepstack"])  # [n_ds, K, D]
                 if sel.extra_tokens is not None:
                     ds = torch.cat([ds, ds.new_zeros(ds.shape[0], sel.extra_tokens.shape[0], ds.shape[2])], dim=1)
                 deepstack[im.modality].append(ds)

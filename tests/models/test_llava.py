@@ -60,7 +60,8 @@ def test_full_retention_is_identical(model, inputs, scorer):
 def reference_generate(model, inputs, selections):
     """Feed only the kept (and merged) tokens to the unmodified model, left-padded."""
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-    kept = [sel.tokens(f) for sel, f in zip(selections, features)]
+    kept = [f[sel.keep_index] if sel.kept_weights is None else sel.kept_weights @ f for sel, f in zip(selections, features)]
+    kept = [k if sel.extra_tokens is None else torch.cat([k, sel.extra_tokens]) for k, sel in zip(kept, selections)]
     rows = []
     for ids, mask, k in zip(inputs["input_ids"], inputs["attention_mask"], kept):
         ids = ids[mask.bool()]
@@ -77,7 +78,7 @@ def reference_generate(model, inputs, selections):
 
 
 @pytest.mark.parametrize(
-    "scorer,pruner", [(("visionzip", {}), "visionzip"), (("hybrid", {"alpha": 0.3}), "topk"), (("random", {}), "topk")]
+    "scorer,pruner", [(("visionzip", {}), "visionzip"), (("l2norm", {}), "tome"), (("hybrid", {"alpha": 0.3}), "topk"), (("random", {}), "topk")]
 )
 def test_pruned_generate_equals_kept_tokens_reference(model, inputs, scorer, pruner):
     install(model, scorer, pruner, retention=0.25)

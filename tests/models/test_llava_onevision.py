@@ -233,6 +233,7 @@ def reference_generate(model, inputs, selections):
         ("video", ("hybrid", {}), "topk"),
         ("video", ("visionzip", {}), "vispruner"),
         ("mixed", ("visionzip", {}), "visionzip"),
+        ("mixed", ("l2norm", {}), "tome"),
         ("multi", ("hybrid", {}), "topk"),
     ],
 )

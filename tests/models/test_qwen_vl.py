@@ -91,6 +91,15 @@ def encoded(model, inputs):
     return out
 
 
+def kept_rows(sel, per_token):
+    """``per_token [N, D]`` at the kept tokens; a merged kept token (ToMe) is its weights' sum of rows, which
+    tests/strategies/pruners/test_tome.py checks are its group's mean (a mean summed in another order can flip
+    a near-tie of the tiny model's greedy tokens)."""
+    if sel.kept_weights is None:
+        return per_token[sel.keep_index]
+    return sel.kept_weights @ per_token
+
+
 def reference_generate(model, inputs, selections, new=NEW):
     """Greedy tokens of the unmodified model fed only the kept tokens at their unpruned positions (no cache)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -127,10 +136,10 @@ def reference_generate(model, inputs, selections, new=NEW):
             src += [run[i] for i in sel.keep_index.tolist()]
             merged = 0 if sel.extra_tokens is None else sel.extra_tokens.shape[0]
             src += [run[-1]] * merged
-            kept[modality].append(sel.tokens(features))
+            kept[modality].append(torch.cat([kept_rows(sel, features), *([] if sel.extra_tokens is None else [sel.extra_tokens])]))
             deepstack = getattr(enc[modality], "deepstack_features", None)
             if deepstack:
-                ds = torch.stack([layer[item][sel.keep_index] for layer in deepstack])
+                ds = torch.stack([kept_rows(sel, layer[item]) for layer in deepstack])
                 kept_deepstack[modality].append(torch.cat([ds, ds.new_zeros(ds.shape[0], merged, ds.shape[2])], 1))
             col += len(run)
         src = torch.tensor(src)
@@ -164,7 +173,14 @@ def reference_generate(model, inputs, selections, new=NEW):
         )
         logits = out.logits[:, width - 1] if logits is None else logits
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-    return torch.cat(tokens, 1), logits
+    tokens = torch.cat(tokens, 1)
+    # generate pads a row once it has emitted EOS
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    if eos is not None and pad is not None:
+        is_eos = torch.isin(tokens, torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos])).long()
+        ended = is_eos.cumsum(1) - is_eos > 0  # after the first EOS
+        tokens = tokens.masked_fill(ended, pad)
+    return tokens, logits
 
 
 @pytest.mark.parametrize("name", list(BUILD))
@@ -193,7 +209,8 @@ def test_full_retention_is_bit_identical(models, inputs, name, case):
 
 
 PRUNE_CASES = [(n, VISIONZIP) for n in BUILD] + [
-    ("qwen2_5_vl", (("hybrid", {"alpha": 0.3}), "topk")), ("qwen3_vl", (("l2norm", {}), "divprune"))]
+    ("qwen2_5_vl", (("hybrid", {"alpha": 0.3}), "topk")), ("qwen3_vl", (("l2norm", {}), "divprune")),
+    ("qwen3_vl", (("l2norm", {}), "tome"))]
 
 
 @pytest.mark.parametrize("name,case", PRUNE_CASES, ids=lambda v: v if isinstance(v, str) else v[1])

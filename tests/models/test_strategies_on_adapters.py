@@ -88,6 +88,7 @@ METHODS = {  # name -> (scorer, pruner)
     "cdpruner+hybrid": ({"name": "hybrid", "semantic": {"name": "cdpruner"}}, {"name": "cdpruner"}),
     "divprune": ({"name": "l2norm"}, {"name": "divprune"}),
     "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}),
+    "tome": ({"name": "l2norm"}, {"name": "tome"}),
     "random": ({"name": "random"}, {"name": "topk"}),
     "fastv": ({"name": "fastv", "k": 2}, {"name": "topk"}),
     "dart": ({"name": "fastv", "k": 2}, {"name": "dart", "k": 2, "num_pivots": 2}),
