@@ -3,9 +3,9 @@
     python benchmarks/pruning_cost.py [--repeats 15] [--json benchmarks/results/pruning_cost.json]
 
 For each method (scorer + pruner as a spec names them) and retention, the time of ``scorer.score`` +
-``pruner.select`` (+ ``Selection.gather``, the tokens a pre-LLM method hands the LLM) on one image's context, 576 tokens (PyramidDrop, SparseVLM: their three stages on the
-shrinking token sets, SparseVLM's first two adaptive), median of ``--repeats``, one thread, float32, compared
-against two prefills:
+``pruner.select`` (pre-LLM methods: + ``Selection.gather``, the tokens handed to the LLM) on one image's
+context, 576 tokens (PyramidDrop, SparseVLM: their three stages on the shrinking token sets, SparseVLM's
+first two adaptive), median of ``--repeats``, one thread, float32, compared against two prefills:
 - ``share_7b``: at D = 4096 (LLaVA-1.5-7B's width), against the LLaVA-1.5-7B prefill (576 vision + 40
   text tokens), *measured* at its real shapes with random weights: the whole CLIP-L/336 tower, the
   projector, one LLaMA-7B decoder layer (times 32: the layers are identical) and the last token's lm_head.

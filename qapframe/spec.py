@@ -28,6 +28,7 @@ from qapframe.sources import model_path_problem  # re-exported: it used to live 
 # Reading spec files (YAML/JSON, shipped specs by name) lives beside; re-exported, where it used to be defined.
 from qapframe.spec_files import BUILTIN_SPECS, builtin_spec_names, read_spec_file, resolve_spec_path
 # The strategy entries live beside their strategies; re-exported here, where they used to be defined.
+from qapframe.strategies.base import requirements_of
 from qapframe.strategies.specs import PrunerSpec, ScorerSpec
 from qapframe.strategy import Strategy, StrategyConfig, StrategySpec
 
@@ -174,8 +175,6 @@ class PipelineSpec(_Section):
     def _scorer_and_pruner_compose(self) -> "PipelineSpec":
         # The check every install makes, here too, so that `qapframe validate` reports it before a model loads.
         if self.scorer is not None and self.pruner is not None:
-            from qapframe.strategies.base import requirements_of
-
             try:
                 requirements_of(self.scorer.build(), self.pruner.build())
             except ValueError as exc:

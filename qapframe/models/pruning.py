@@ -137,7 +137,7 @@ def select_per_image(
                 w = selection.kept_weights[g]
                 weights = w.new_zeros(w.shape[0] + structural.numel(), images[i].num_tokens)
                 weights[: w.shape[0], idx[g].to(w.device)] = w
-                weights[torch.arange(w.shape[0], weights.shape[0]), structural.to(w.device)] = 1.0
+                weights[torch.arange(w.shape[0], weights.shape[0], device=w.device), structural.to(w.device)] = 1.0
                 weights = weights[order.to(w.device)]
             out[i] = ImageSelection(keep_index=keep, extra_tokens=extra, scores=scores[g].detach(), kept_weights=weights)
     return out  # type: ignore[return-value]

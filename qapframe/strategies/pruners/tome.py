@@ -50,7 +50,7 @@ def bipartite_merge(metric: torch.Tensor, budget: int) -> tuple[torch.Tensor, to
     b, n, _ = metric.shape
     device = metric.device
     rows = torch.arange(b, device=device)[:, None]
-    total = metric.double() if metric.dtype == torch.float64 else metric.float()  # [B, T, Dk] sum of members' keys
+    total = metric.to(torch.promote_types(metric.dtype, torch.float32))  # [B, T, Dk] sum of members' keys
     size = torch.ones(b, n, dtype=total.dtype, device=device)  # [B, T] members per current token
     survivor = torch.arange(n, device=device).expand(b, n)  # [B, T] each current token's original index
     slot = survivor.clone()  # [B, N] each original token's current token
@@ -104,5 +104,5 @@ class ToMePruner(Pruner):
             return Selection(keep_index=torch.arange(n, device=scores.device).expand(scores.shape[0], n).clone())
         metric = context.require("vision_keys", "tome pruner") if self.config.metric == "keys" else context.vision_embeds
         keep, group = bipartite_merge(metric, k)
-        weights = group_means(group, k, torch.float64 if context.vision_embeds.dtype == torch.float64 else torch.float32)
+        weights = group_means(group, k, torch.promote_types(context.vision_embeds.dtype, torch.float32))
         return Selection(keep_index=keep, kept_weights=weights)
