@@ -121,7 +121,7 @@ def test_scorer_without_pruner_gets_topk_and_pruner_without_scorer_is_an_error()
 
 def test_a_scorer_and_pruner_that_cannot_run_together_are_reported_before_any_model_loads():
     problems, _ = problems_of({"scorer": {"name": "fastv", "k": 2}, "pruner": {"name": "tome"}})
-    assert "merges tokens before the LLM" in problems["pruner"] and "'fastv'" in problems["pruner"]
+    assert "works only before the LLM" in problems["pruner"] and "'fastv'" in problems["pruner"]
     problems, _ = problems_of({"scorer": {"name": "l2norm"}, "pruner": {"name": "sparsevlm"}})
     assert "needs context from inside the LLM" in problems["pruner"]
     problems, _ = problems_of({"scorer": {"name": "l2norm"}, "pruner": {"name": "tome"},

@@ -35,6 +35,7 @@ import torch
 from qapframe.models.attention import ProjectionCapture, last_token_attention, query_attention
 from qapframe.models.inllm_state import CallState, InLLMState, StageState, stage_targets
 from qapframe.models.pruning import ImageSelection, ImageTokens, image_spans, stack_padded, uses_right_padding
+from qapframe.strategies.base import gather_rows
 
 
 class InLLMPruning:
@@ -281,8 +282,7 @@ class InLLMPruning:
         call.current_index, call.current_position, call.current_mask = ids, position, kept_mask
 
         def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [1 or B, S, *] -> [B, L_s+1, *]
-            t = t.expand(b, *t.shape[1:])
-            return t.gather(1, index.view(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+            return gather_rows(t, index.view(b, -1))
 
         if any(e.shape[0] for e in extra):
             hidden = torch.cat([hidden, stack_padded(extra, 0.0, right_pad=True)[0]], dim=1)  # merged after the slots

@@ -20,7 +20,8 @@ activation quantizer on each vision token (the hybrid's ``e_mode: pipeline``).
 
 Pruned sequences keep their tokens' order; rows that shrink by different amounts (images with
 different token counts) are re-padded on their original padding side. What was kept is exposed as
-``model.qapframe_last_selection`` (a dict; ``"selections"`` holds one `ImageSelection` per image).
+``model.qapframe_last_selection`` (a dict; ``"selections"`` holds one `ImageSelection` per image and, before
+the LLM, ``"units"`` the `ImageTokens` they were selected from).
 `remove()` detaches every hook and restores ``generate`` and the wrapped feature methods.
 
 An adapter subclasses `HookingAdapter` and supplies the architecture: where the image features come
@@ -219,7 +220,7 @@ class Installation:
         pruned = self.adapter.pruned_inputs(
             self.model, input_ids, attention_mask, vision_inputs, images, spans, selections, generate=generate
         )
-        info = {"selections": selections, "spans": spans}
+        info = {"selections": selections, "spans": spans, "units": images}
         info.update({k: v for k, v in pruned.items() if k in ("attention_mask", "position_ids")})
         self._record(info)
         return pruned

@@ -22,6 +22,8 @@ interpolation gets the interpolated score and key.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qapframe.models.attention import received_attention_and_keys
@@ -94,14 +96,16 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return torch.cat([p.to(marker) for p in parts] + [marker], dim=-1)
 
     @staticmethod
-    def _unit(features: torch.Tensor, channels: torch.Tensor, capture, modality: str) -> ImageTokens:
+    def _unit(features: torch.Tensor, channels: torch.Tensor, capture, modality: str, grid=None) -> ImageTokens:
         """A packed ``features [N, D]`` and its side channels ``[N, c]`` -> one image's or clip's `ImageTokens`."""
         if channels.shape[0] != features.shape[0]:
             raise RuntimeError(f"packed scores ({channels.shape[0]}) and features ({features.shape[0]}) disagree")
         prunable = channels[:, -1] > 0.5  # newlines carry marker 0; interpolated tokens stay at 1
         if capture is None:
-            return ImageTokens(features, prunable, modality=modality)
-        return ImageTokens(features, prunable, channels[:, 0].float(), channels[:, 1:-1].float(), modality=modality)
+            return ImageTokens(features, prunable, modality=modality, grid=grid)
+        return ImageTokens(
+            features, prunable, channels[:, 0].float(), channels[:, 1:-1].float(), modality=modality, grid=grid
+        )
 
     def describe_images(self, model, features, capture, bound: dict) -> list[ImageTokens]:
         """Packed per-image ``features [N_i, D]`` plus the packed stand-in scores / keys and newline mask."""
@@ -129,6 +133,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         videos, frames = bound["pixel_values_videos"].shape[:2]
         channels = self._token_side_channels(model, capture, bound, videos * frames, features.device)
         pooled = model.model.apply_pooling(channels)  # [V * F, P, c], the model's own 2x2 bilinear pooling
+        side = math.isqrt(pooled.shape[1])  # apply_pooling keeps frames square
+        if side * side != pooled.shape[1]:
+            raise RuntimeError(f"pooled frames of {pooled.shape[1]} tokens are not square")
         pooled = pooled.reshape(videos, -1, pooled.shape[-1])
         packed = torch.cat([pooled, pooled.new_zeros(videos, 1, pooled.shape[-1])], dim=1)  # the clip's newline
-        return [self._unit(f, c, capture, "video") for f, c in zip(features, packed)]
+        return [self._unit(f, c, capture, "video", (frames, side, side)) for f, c in zip(features, packed)]

@@ -29,6 +29,9 @@ class ImageTokens:
     llm_keys: torch.Tensor | None = None  # [N, Hkv * Dh] in-LLM: keys at the ranking layer
     modality: str = "image"  # "image" or "video" (a clip's frames are one token set)
     per_token: dict[str, torch.Tensor] | None = None  # architecture data per token, [..., N, D] (Qwen3-VL deepstack)
+    # (frames, rows, cols) of the prunable tokens, frame-major then row-major (a video clip's frames, a Qwen
+    # image's single frame); None when they are not one grid (anyres packing). Temporal pruners need it.
+    grid: tuple[int, int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -83,9 +86,9 @@ def select_per_image(
     out: list[ImageSelection | None] = [None] * len(images)
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
-        key = (int(image.prunable.sum()), None if targets is None else targets[i], i if adaptive else None)
+        key = (int(image.prunable.sum()), None if targets is None else targets[i], i if adaptive else None, image.grid)
         groups.setdefault(key, []).append(i)
-    for (count, target, _), members in groups.items():
+    for (count, target, _, grid), members in groups.items():
         idx = [images[i].prunable.nonzero().squeeze(-1) for i in members]  # [P] each
 
         def stack(get):
@@ -119,6 +122,7 @@ def select_per_image(
             rater_attention=raters,  # [G, R, P]
             rater_mask=rater_mask,  # [G, R]
             adaptive_budget=adaptive and target is not None,
+            token_grid=grid,
             quant=quant,
             seed=seed,
         )

@@ -146,11 +146,14 @@ class QwenVLAdapter(HookingAdapter):
             received, k = capture.result
             cls, keys = self._merged(model, received, grid), self._merged(model, k, grid)
         deepstack = getattr(output, "deepstack_features", None)
+        merge = model.model.visual.spatial_merge_size
         out = []
         for i, f in enumerate(features):
             extra = None if not deepstack else {"deepstack": torch.stack([layer[i] for layer in deepstack])}
             prunable = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
-            out.append(ImageTokens(f, prunable, cls[i], keys[i], modality=modality, per_token=extra))
+            t, h, w = (int(v) for v in grid[i])
+            layout = (t, h // merge, w // merge)  # temporal patches, then merged rows and columns
+            out.append(ImageTokens(f, prunable, cls[i], keys[i], modality=modality, per_token=extra, grid=layout))
         return out
 
     def encode_images(self, model, vision_inputs: dict) -> None:

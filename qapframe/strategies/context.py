@@ -86,6 +86,9 @@ class ScoringContext:
     # In-LLM, a stage before the last: the budget is the stage's planned count, which a pruner may adapt per image
     # (SparseVLM's rank rule); each image then comes alone (B = 1). False: the budget must be met exactly.
     adaptive_budget: bool = False
+    # (frames, rows, cols) shared by every image of the batch, N = frames * rows * cols in frame-major order
+    # (video clips; before the LLM only); None = no frame layout known.
+    token_grid: tuple[int, int, int] | None = None
     seed: int = 0
     extras: dict = field(default_factory=dict)  # room for plugin scorers' adapter-provided data
 

@@ -253,6 +253,23 @@ def test_pruned_generate_equals_the_model_fed_only_kept_tokens(model, request, k
     assert torch.equal(tokens[:, length:], reference_generate(model, inputs, selections))
 
 
+def test_dycoke_keeps_the_first_frame_whole_and_spreads_the_rest_over_the_others(model):
+    clips = llava_onevision_video_inputs(model, num_frames=4, prompt_lengths=[5, 7], seed=6)
+    install(model, ("l2norm", {}), "dycoke", retention=0.5)
+    try:
+        tokens = gen(model, **clips)
+        info = model.qapframe_last_selection
+    finally:
+        remove(model)
+    for unit, selection in zip(info["units"], info["selections"]):
+        assert unit.grid == (4, 2, 2) and unit.num_tokens == 4 * 4 + 1  # 2 x 2 pooled frames, then the newline
+        kept = selection.keep_index.tolist()
+        frames = [sum(1 for i in kept if i // 4 == f) for f in range(4)]
+        assert frames == [4, 2, 1, 1] and kept[-1] == 16  # 8 of 16: frame 0 whole, 4 over frames 1-3; the newline
+    length = clips["input_ids"].shape[1]
+    assert torch.equal(tokens[:, length:], reference_generate(model, clips, info["selections"]))
+
+
 @pytest.mark.parametrize("scorer", [("hybrid", {}), ("fastv", {"k": 2})], ids=lambda s: s[0])
 def test_batch_of_three_equals_single_runs(model, images, scorer):
     install(model, scorer, retention=0.5)

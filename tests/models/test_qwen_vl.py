@@ -353,6 +353,34 @@ def test_video_clip_is_pruned_across_its_frames(models):
     assert torch.equal(tokens[:, clip["input_ids"].shape[1] :], reference_generate(model, clip, selections)[0])
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl"])  # (Qwen3-VL splits a clip's prompt by frame)
+def test_dycoke_prunes_clips_frame_by_frame_in_the_models_own_layout(models, name):
+    model = models[name]
+    clip = qwen_vl_inputs([(4, 8, 8), (4, 8, 12)], [3, 6], seed=4, video=True)  # 4 temporal tokens of 4x4, 4x6
+    install(model, ("l2norm", {}), "dycoke", retention=0.5)
+    try:
+        tokens = gen(model, clip)
+        info = model.qapframe_last_selection
+    finally:
+        remove(model)
+    units, selections = info["units"], info["selections"]
+    assert [u.grid for u in units] == [(4, 4, 4), (4, 4, 6)]
+    full, _ = model.model.get_rope_index(clip["input_ids"], mm_token_type_ids=clip["mm_token_type_ids"],
+                                         video_grid_thw=clip["video_grid_thw"], attention_mask=clip["attention_mask"])
+    video = clip["input_ids"] == QWEN_VIDEO_ID
+    for r, (t, h, w) in enumerate([u.grid for u in units]):
+        position = full[:, r][:, video[r]]  # [3, N]: the model's temporal, row and column position of each token
+        token = torch.arange(t * h * w)
+        layout = torch.stack([token // (h * w), token % (h * w) // w, token % w])  # what `grid` claims
+        position = position - position.amin(dim=1, keepdim=True)
+        position[0] = position[0].unique(return_inverse=True)[1]  # temporal ids are scaled by the frame time
+        assert torch.equal(position, layout)
+        kept = selections[r].keep_index
+        assert kept[: h * w].tolist() == list(range(h * w))  # the first frame is kept whole
+        assert selections[r].num_tokens == t * h * w // 2
+    assert torch.equal(tokens[:, clip["input_ids"].shape[1] :], reference_generate(model, clip, selections)[0])
+
+
 def test_images_and_videos_in_one_prompt_are_pruned_in_prompt_order(models):
     """A row holding a clip then an image: features are matched to placeholders in prompt order."""
     model = models["qwen2_5_vl"]

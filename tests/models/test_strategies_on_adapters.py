@@ -84,6 +84,7 @@ BUILDERS = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llav
             "qwen2_vl": _qwen(_qwen2_vl), "qwen2_5_vl": _qwen(_qwen2_5_vl), "qwen3_vl": _qwen(_qwen3_without_deepstack)}
 
 METHODS = {  # name -> (scorer, pruner)
+    "visionzip": ({"name": "visionzip"}, {"name": "visionzip"}),
     "cdpruner": ({"name": "cdpruner"}, {"name": "cdpruner"}),
     "cdpruner+hybrid": ({"name": "hybrid", "semantic": {"name": "cdpruner"}}, {"name": "cdpruner"}),
     "divprune": ({"name": "l2norm"}, {"name": "divprune"}),
@@ -96,6 +97,9 @@ METHODS = {  # name -> (scorer, pruner)
     # the paper's 3/32, 7/32, 1/2 cannot be three distinct layers of a 4-layer LLM: layers 0, 1, 2
     "sparsevlm": ({"name": "sparsevlm", "stages": [0.25, 0.5, 0.75]}, {"name": "sparsevlm"}),
 }
+# Pruners that need a clip's frames, tested on the video adapters instead (the shared inputs are images):
+# tests/models/test_llava_onevision.py and tests/models/test_qwen_vl.py (`-k dycoke`).
+VIDEO_ONLY = {"dycoke"}
 IN_LLM = {"fastv", "dart", "pyramiddrop", "sparsevlm"}
 STAGES = {"pyramiddrop": 3, "sparsevlm": 3}  # in-LLM pruning stages (others: 1)
 NEW = 4
@@ -139,6 +143,12 @@ def gen(model, inputs):
 
 
 ADAPTER_NAMES = ADAPTERS.names()
+
+
+def test_every_built_in_pruner_is_tested_here_or_on_video():
+    built_in = {e.name for e in PRUNERS.entries() if e.source == "built-in"}
+    missing = built_in - {p["name"] for _, p in METHODS.values()} - VIDEO_ONLY
+    assert not missing, f"built-in pruners with no case in METHODS: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -2,7 +2,9 @@
 
 import torch
 
-from qapframe.strategies.base import Selection, keep_top_k
+import pytest
+
+from qapframe.strategies.base import Selection, gather_rows, keep_top_k
 from qapframe.strategies.context import ScoringContext
 from qapframe.strategies.normalization import minmax
 from qapframe.strategies.pruners.topk import TopKPruner
@@ -15,6 +17,18 @@ def test_keep_top_k_returns_the_largest_in_original_order_with_stable_ties():
     assert keep_top_k(scores, 3).tolist() == [[1, 2, 3], [0, 1, 2]]
     tied = torch.zeros(1, 6)
     assert keep_top_k(tied, 2).tolist() == [[0, 1]]  # earliest tokens win ties
+
+
+def test_gather_rows_equals_per_row_indexing_and_shares_a_batch_one_source():
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(3, 10, 2, 4, generator=generator)  # trailing dims beyond one are carried along
+    index = torch.randint(0, 10, (3, 6), generator=generator)
+    expected = torch.stack([tokens[b, index[b]] for b in range(3)])
+    assert torch.equal(gather_rows(tokens, index), expected)
+    shared = gather_rows(tokens[:1], index)  # rotary tables: one row for the whole batch
+    assert torch.equal(shared, torch.stack([tokens[0, index[b]] for b in range(3)]))
+    with pytest.raises(ValueError, match="2 token rows for 3 index rows"):
+        gather_rows(tokens[:2], index)
 
 
 def test_topk_pruner_matches_a_brute_force_selection():

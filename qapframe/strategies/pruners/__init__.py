@@ -1,3 +1,5 @@
 """Built-in pruners; importing this package registers them."""
 
-from qapframe.strategies.pruners import cdpruner, dart, divprune, sparsevlm, tome, topk, vispruner, visionzip  # noqa: F401
+from qapframe.strategies.pruners import (  # noqa: F401
+    cdpruner, dart, divprune, dycoke, sparsevlm, tome, topk, vispruner, visionzip,
+)

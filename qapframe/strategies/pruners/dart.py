@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, keep_top_k
+from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, gather_rows, keep_top_k
 from qapframe.strategies.context import Requirements, ScoringContext
 
 
@@ -29,7 +29,7 @@ class DARTConfig(PrunerConfig):
 def duplication(hidden: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
     """``hidden [B, N, D]``, ``pivots [B, P]`` -> each token's highest cosine similarity to a pivot ``[B, N]``."""
     unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
-    anchor = unit.gather(1, pivots[..., None].expand(-1, -1, unit.shape[-1]))  # [B, P, D]
+    anchor = gather_rows(unit, pivots)  # [B, P, D]
     return (unit @ anchor.transpose(1, 2)).amax(dim=-1)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, keep_top_k
+from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, gather_rows, keep_top_k
 from qapframe.strategies.context import Requirements, ScoringContext
 
 
@@ -35,7 +35,7 @@ def merge_contextual(
     targets, members = remaining[:, is_target], remaining[:, ~is_target]  # [B, C], [B, R - C]
 
     def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return gather_rows(x, idx)
 
     k = torch.nn.functional.normalize(keys.float(), dim=-1)
     similarity = take(k, members) @ take(k, targets).transpose(1, 2)  # [B, R - C, C]

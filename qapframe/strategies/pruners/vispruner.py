@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, keep_top_k
+from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, gather_rows, keep_top_k
 from qapframe.strategies.context import ScoringContext
 from qapframe.strategies.pruners.selection import unit_rows
 
@@ -37,8 +37,7 @@ def remove_duplicates(embeds: torch.Tensor, candidates: torch.Tensor, target: in
         a, b_ = rows[:, 0::2], rows[:, 1::2]
         if b_.shape[1] == 0:  # one candidate left and target 0
             return rows[:, :target]
-        take = lambda idx: unit.gather(1, idx[..., None].expand(-1, -1, unit.shape[-1]))  # noqa: E731
-        redundancy = (take(a) @ take(b_).transpose(1, 2)).amax(dim=-1)  # [B, |A|]
+        redundancy = (gather_rows(unit, a) @ gather_rows(unit, b_).transpose(1, 2)).amax(dim=-1)  # [B, |A|]
         drop = min(excess, a.shape[1])
         kept_a = keep_top_k(-redundancy, a.shape[1] - drop)  # positions within A, ascending
         rows = torch.cat([a.gather(1, kept_a), b_], dim=1).sort(dim=-1).values

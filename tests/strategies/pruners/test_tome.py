@@ -114,7 +114,7 @@ def test_an_in_llm_scorer_is_refused_before_anything_is_attached():
     from tests.tiny_models import tiny_llava
 
     model = tiny_llava(seed=0, num_layers=4)
-    with pytest.raises(ValueError, match="pruner 'tome' merges tokens before the LLM.*scorer 'fastv'"):
+    with pytest.raises(ValueError, match="pruner 'tome' works only before the LLM.*scorer 'fastv'"):
         adapter_for(model).install(model, SCORERS.get("fastv")(k=2), PRUNERS.get("tome")(retention=0.25))
     assert not hasattr(model, "qapframe_installation")
 
