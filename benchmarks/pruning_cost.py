@@ -46,13 +46,15 @@ METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
     "divprune": ({"name": "l2norm"}, {"name": "divprune"}, 1),
     "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}, 1),
     "tome": ({"name": "l2norm"}, {"name": "tome"}, 1),
+    "prunevid (image: one frame)": ({"name": "l2norm"}, {"name": "prunevid"}, 1),
     "fastv (in-LLM)": ({"name": "fastv"}, {"name": "topk"}, 1),
     "dart (in-LLM)": ({"name": "fastv"}, {"name": "dart"}, 1),
     "pyramiddrop (in-LLM, 3 stages)": ({"name": "pyramiddrop"}, {"name": "topk"}, 3),
     "sparsevlm (in-LLM, 3 stages)": ({"name": "sparsevlm"}, {"name": "sparsevlm"}, 3),
 }
 RATERS = 20  # SparseVLM's text raters per image: an assumed half of the TEXT tokens
-PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner", "tome"}
+PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner", "tome",
+           "prunevid (image: one frame)"}
 
 
 def make(registry, spec: dict, **extra):

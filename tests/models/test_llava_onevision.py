@@ -234,6 +234,7 @@ def reference_generate(model, inputs, selections):
         ("video", ("visionzip", {}), "vispruner"),
         ("mixed", ("visionzip", {}), "visionzip"),
         ("mixed", ("l2norm", {}), "tome"),
+        ("mixed", ("l2norm", {}), "prunevid"),
         ("multi", ("hybrid", {}), "topk"),
     ],
 )
@@ -266,6 +267,21 @@ def test_dycoke_keeps_the_first_frame_whole_and_spreads_the_rest_over_the_others
         kept = selection.keep_index.tolist()
         frames = [sum(1 for i in kept if i // 4 == f) for f in range(4)]
         assert frames == [4, 2, 1, 1] and kept[-1] == 16  # 8 of 16: frame 0 whole, 4 over frames 1-3; the newline
+    length = clips["input_ids"].shape[1]
+    assert torch.equal(tokens[:, length:], reference_generate(model, clips, info["selections"]))
+
+
+def test_prunevid_merges_each_clip_to_its_budget_within_its_frames(model):
+    clips = llava_onevision_video_inputs(model, num_frames=4, prompt_lengths=[5, 7], seed=7)
+    install(model, ("l2norm", {}), "prunevid", retention=0.25)
+    try:
+        tokens = gen(model, **clips)
+        info = model.qapframe_last_selection
+    finally:
+        remove(model)
+    for unit, selection in zip(info["units"], info["selections"]):
+        assert unit.grid == (4, 2, 2) and selection.num_tokens == 4 + 1  # 25 % of 16, then the newline
+        assert selection.keep_index[-1] == 16 and torch.equal(selection.kept_weights[-1, 16], torch.tensor(1.0))
     length = clips["input_ids"].shape[1]
     assert torch.equal(tokens[:, length:], reference_generate(model, clips, info["selections"]))
 

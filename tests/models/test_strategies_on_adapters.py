@@ -90,6 +90,7 @@ METHODS = {  # name -> (scorer, pruner)
     "divprune": ({"name": "l2norm"}, {"name": "divprune"}),
     "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}),
     "tome": ({"name": "l2norm"}, {"name": "tome"}),
+    "prunevid": ({"name": "l2norm"}, {"name": "prunevid"}),  # an image is a one-frame clip
     "random": ({"name": "random"}, {"name": "topk"}),
     "fastv": ({"name": "fastv", "k": 2}, {"name": "topk"}),
     "dart": ({"name": "fastv", "k": 2}, {"name": "dart", "k": 2, "num_pivots": 2}),

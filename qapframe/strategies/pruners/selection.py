@@ -7,6 +7,7 @@
 - `greedy_max_min`: the greedy (farthest-point) heuristic for the max-min diversity problem, as DivPrune
   uses it; for a metric distance it is a 2-approximation (Ravi, Rosenkrantz & Tayi, 1994).
 - `cosine_similarity_matrix`: ``[B, N, D] -> [B, N, N]``, through `symmetric_gram` (half the FLOPs of a matmul).
+- `density_peak_clusters`: DPC-kNN (Du et al., 2016) as SparseVLM and PruneVid cluster tokens before merging.
 
 All run batched over images, compute in at least float32, and break ties toward the earlier token. On CPU
 the two greedy loops run as numba kernels (`qapframe.kernels.selection_cpu`: the same rules, compiled; the
@@ -50,6 +51,34 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
     """``x [B, N, D]`` -> pairwise cosine similarity ``[B, N, N]`` (float32 or wider), exactly symmetric."""
     return symmetric_gram(unit_rows(x))
+
+
+def density_peak_clusters(x: torch.Tensor, clusters: int, neighbours: int) -> torch.Tensor:
+    """``x [R, D]`` -> each token's cluster ``[R]`` in ``0..C-1``, clusters numbered by their centre's index.
+
+    Distances over ``sqrt(D)``; density ``exp(-mean d^2)`` over the ``neighbours`` nearest tokens, self
+    included; centres: the ``C`` highest density x distance to the nearest denser token; every token joins
+    its nearest centre. Computed in float64; ties go to the earlier token.
+    """
+    x = x.double()  # float64 Gram matrix: fast (one matmul) yet exact enough for the comparisons below
+    r, d = x.shape
+    gram = x @ x.transpose(0, 1)  # [R, R]
+    # Exactly symmetric, so mutual nearest neighbours get bit-equal densities and their tie goes to the
+    # earlier token (a matmul may round g_ij and g_ji differently).
+    gram = (gram + gram.transpose(0, 1)) / 2
+    squared = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0).fill_diagonal_(0)
+    dist = squared.sqrt() / d**0.5  # [R, R]
+    nearest = dist.topk(min(neighbours, r), dim=-1, largest=False).values  # [R, k], self (0) included
+    density = torch.exp(-nearest.square().mean(dim=-1))  # [R]
+    index = torch.arange(r, device=x.device)
+    # denser[i, j]: token j is denser than token i (equal densities: the earlier token counts as denser)
+    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
+    delta = torch.where(denser, dist, dist.max()).amin(dim=-1)  # distance to the nearest denser token
+    order = torch.sort(delta * density, descending=True, stable=True).indices[:clusters]
+    centres = torch.sort(order).values  # [C] ascending
+    assign = dist[:, centres].argmin(dim=-1)  # nearest centre (ties: the earlier one)
+    assign[centres] = torch.arange(clusters, device=x.device)
+    return assign
 
 
 def greedy_dpp_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection, keep_top_k
 from qapframe.strategies.context import Requirements, ScoringContext
+from qapframe.strategies.pruners.selection import density_peak_clusters
 
 RANK_RTOL = 1e-4
 
@@ -72,28 +73,12 @@ def attention_rank(rows: torch.Tensor) -> torch.Tensor:
 
 
 def density_peak_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
-    """``x [R, D]`` -> ``[C, D]``: DPC-kNN centres (ascending), every token averaged into its nearest centre's."""
-    dtype = x.dtype
-    x = x.double()  # float64 Gram matrix: fast (one matmul) yet exact enough for the comparisons below
-    r, d = x.shape
-    gram = x @ x.transpose(0, 1)  # [R, R]
-    # Exactly symmetric, so mutual nearest neighbours get bit-equal densities and their tie goes to the
-    # earlier token (a matmul may round g_ij and g_ji differently).
-    gram = (gram + gram.transpose(0, 1)) / 2
-    squared = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0).fill_diagonal_(0)
-    dist = squared.sqrt() / d**0.5  # [R, R]
-    nearest = dist.topk(min(clusters, r), dim=-1, largest=False).values  # [R, k], self (0) included
-    density = torch.exp(-nearest.square().mean(dim=-1))  # [R]
-    index = torch.arange(r, device=x.device)
-    # denser[i, j]: token j is denser than token i (equal densities: the earlier token counts as denser)
-    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
-    delta = torch.where(denser, dist, dist.max()).amin(dim=-1)  # distance to the nearest denser token
-    centres = keep_top_k((delta * density)[None], clusters)[0]  # [C] ascending
-    assign = dist[:, centres].argmin(dim=-1)  # nearest centre (ties: the earlier one)
-    assign[centres] = torch.arange(clusters, device=x.device)
-    sums = x.new_zeros(clusters, d).index_add_(0, assign, x)
-    counts = torch.bincount(assign, minlength=clusters).to(x.dtype)
-    return (sums / counts[:, None]).to(dtype)
+    """``x [R, D]`` -> ``[C, D]``: DPC-kNN centres (ascending), every token averaged into its nearest centre's;
+    density over the ``C`` nearest tokens, as the authors' code counts them."""
+    assign = density_peak_clusters(x, clusters, neighbours=clusters)
+    sums = x.double().new_zeros(clusters, x.shape[1]).index_add_(0, assign, x.double())
+    counts = torch.bincount(assign, minlength=clusters).to(torch.float64)
+    return (sums / counts[:, None]).to(x.dtype)
 
 
 @PRUNERS.register("sparsevlm")

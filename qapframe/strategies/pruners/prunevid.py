@@ -1,0 +1,177 @@
+"""PruneVid's first stage: merge what stays still over a scene, then cluster each frame's tokens, to a budget.
+
+Huang et al., "PruneVid: Visual Token Pruning for Efficient Video Large Language Models" (ACL 2025),
+its pre-LLM stage as LightCompress implements it (the in-LLM question-attention stage is not part of it):
+
+1. **Scenes.** The frames' mean tokens are clustered by DPC-kNN (`density_peak_clusters`, 7 neighbours)
+   into ``int(segment_ratio * F)`` clusters; runs of frames with one label are the scenes, and every
+   cluster keeps only its longest run: any other run joins the longer of its neighbouring runs.
+2. **Static tokens.** In a scene of ``W >= 2`` frames a position is static when the mean cosine
+   similarity of its tokens over all pairs of frames, ``(||sum_t u_t||^2 - W) / (W (W - 1))``, exceeds
+   ``static_threshold``; its ``W`` tokens become one, their mean.
+3. **Spatial merging.** Each scene's static tokens, and each frame's other tokens, are clustered by
+   DPC-kNN and every cluster merged into its mean (the paper keeps ``cluster_ratio`` of them).
+
+What the budget changes: PruneVid's count is whatever its thresholds leave; here the pruner's budget is
+met exactly. The clusters are shared out over the groups of step 3 in proportion to their sizes
+(largest remainders, earlier groups first; a group whose share rounds to 0 is dropped), and when step 2
+alone leaves fewer tokens than the budget, the least static positions are made dynamic again until
+enough are left. An image is a one-frame clip: DPC-kNN merging of its tokens. Each merged token sits at
+its earliest member's position. Score-free; pre-LLM only (`Selection.kept_weights`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection
+from qapframe.strategies.context import ScoringContext
+from qapframe.strategies.pruners.selection import density_peak_clusters
+
+
+class PruneVidConfig(PrunerConfig):
+    segment_ratio: float = Field(0.25, gt=0.0, le=1.0, description="scenes: int(segment_ratio * frames) clusters")
+    static_threshold: float = Field(
+        0.8, ge=-1.0, le=1.0, description="tau: a position is static when its mean pairwise cosine exceeds it"
+    )
+    neighbours: int = Field(7, ge=1, description="DPC-kNN density: the nearest tokens (self included)")
+
+
+def scenes(frame_means: torch.Tensor, segment_ratio: float, neighbours: int) -> list[tuple[int, int]]:
+    """``frame_means [F, D]`` -> contiguous scenes ``[(start, stop), ...]`` covering the frames in order."""
+    f = frame_means.shape[0]
+    clusters = max(1, min(f, int(segment_ratio * f)))
+    runs: list[list[int]] = []  # [label, start, stop]
+    for t, label in enumerate(density_peak_clusters(frame_means, clusters, neighbours).tolist()):
+        if runs and runs[-1][0] == label:
+            runs[-1][2] = t + 1
+        else:
+            runs.append([label, t, t + 1])
+    while True:
+        longest: dict[int, int] = {}  # label -> its longest run (ties: the earlier)
+        for i, (label, start, stop) in enumerate(runs):
+            if label not in longest or stop - start > runs[longest[label]][2] - runs[longest[label]][1]:
+                longest[label] = i
+        stray = next((i for i, r in enumerate(runs) if longest[r[0]] != i), None)
+        if stray is None:
+            return [(start, stop) for _, start, stop in runs]
+        size = lambda j: runs[j][2] - runs[j][1] if 0 <= j < len(runs) else -1  # noqa: E731
+        target = stray - 1 if size(stray - 1) >= size(stray + 1) else stray + 1  # the longer neighbour
+        runs[target][1] = min(runs[target][1], runs[stray][1])
+        runs[target][2] = max(runs[target][2], runs[stray][2])
+        del runs[stray]
+        merged: list[list[int]] = []  # neighbours that now share a label become one run
+        for r in runs:
+            if merged and merged[-1][0] == r[0]:
+                merged[-1][2] = r[2]
+            else:
+                merged.append(r)
+        runs = merged
+
+
+def static_scores(clip: torch.Tensor) -> torch.Tensor:
+    """``clip [W, P, D]`` -> each position's mean cosine similarity over all pairs of frames ``[P]``."""
+    w = clip.shape[0]
+    unit = torch.nn.functional.normalize(clip.double(), dim=-1)
+    return (unit.sum(dim=0).square().sum(dim=-1) - w) / (w * (w - 1))
+
+
+def shares(sizes: list[int], total: int) -> list[int]:
+    """Split ``total`` over groups in proportion to ``sizes`` (largest remainders, earlier groups first)."""
+    whole = sum(sizes)
+    quotas = [total * s / whole for s in sizes]
+    counts = [int(q) for q in quotas]
+    order = sorted(range(len(sizes)), key=lambda g: (-(quotas[g] - counts[g]), g))
+    for g in order[: total - sum(counts)]:
+        counts[g] += 1
+    return counts
+
+
+def item_means(tokens: torch.Tensor, items: list[list[int]]) -> torch.Tensor:
+    """``tokens [N, D]``, ``items``: token index sets -> each set's mean ``[len(items), D]`` (one index_add)."""
+    sizes = torch.tensor([len(item) for item in items])
+    rows = tokens.index_select(0, torch.tensor([t for item in items for t in item]))  # [sum(sizes), D]
+    if len(rows) == len(items):  # single tokens (an image, or a scene with nothing still): no averaging
+        return rows
+    owner = torch.repeat_interleave(torch.arange(len(items)), sizes)  # [sum(sizes)]
+    sums = tokens.new_zeros(len(items), tokens.shape[-1]).index_add_(0, owner, rows)
+    return sums / sizes[:, None].to(tokens.dtype)
+
+
+def prunevid_groups(clip: torch.Tensor, grid: tuple[int, int, int], budget: int, config: PruneVidConfig) -> list[list[int]]:
+    """``clip [N, D]`` -> ``budget`` disjoint sets of token indices, each merged into one token."""
+    frames, per_frame = grid[0], grid[1] * grid[2]
+    x = clip.double().view(frames, per_frame, -1)
+    spans = scenes(x.mean(dim=1), config.segment_ratio, config.neighbours)
+    # static positions per scene, as (score, scene, position); made dynamic again least static first
+    static = {}
+    for s, (start, stop) in enumerate(spans):
+        if stop - start >= 2:
+            score = static_scores(x[start:stop])
+            for p in (score > config.static_threshold).nonzero().squeeze(-1).tolist():
+                static[(s, p)] = float(score[p])
+    count = frames * per_frame - sum(spans[s][1] - spans[s][0] - 1 for s, _ in static)
+    for key in sorted(static, key=lambda k: (static[k], k)):
+        if count >= budget:
+            break
+        s, _ = key
+        count += spans[s][1] - spans[s][0] - 1
+        del static[key]
+    # the groups of step 3: per scene its static items, then each frame's dynamic items; an item is a token set
+    groups: list[list[list[int]]] = []
+    for s, (start, stop) in enumerate(spans):
+        still = sorted(p for (scene, p) in static if scene == s)
+        if still:
+            groups.append([[t * per_frame + p for t in range(start, stop)] for p in still])
+        moving = sorted(set(range(per_frame)) - set(still))
+        for t in range(start, stop):
+            if moving:
+                groups.append([[t * per_frame + p] for p in moving])
+    out = []
+    for items, clusters in zip(groups, shares([len(g) for g in groups], budget)):
+        if clusters == 0:
+            continue
+        if clusters == len(items):
+            out.extend(items)
+            continue
+        vectors = item_means(x.view(frames * per_frame, -1), items)
+        assign = density_peak_clusters(vectors, clusters, config.neighbours).tolist()
+        members: list[list[int]] = [[] for _ in range(clusters)]
+        for item, c in zip(items, assign):
+            members[c].extend(item)
+        out.extend(members)
+    return out
+
+
+@PRUNERS.register("prunevid")
+class PruneVidPruner(Pruner):
+    """Scenes' still tokens merged over time, then DPC-kNN clusters per group merged, budget(N) in total."""
+
+    Config = PruneVidConfig
+    config: PruneVidConfig
+    pre_llm_only: ClassVar[bool] = True  # merged tokens are means of projected tokens (`Selection.kept_weights`)
+
+    def select(self, scores: torch.Tensor, context: ScoringContext) -> Selection:
+        b, n = scores.shape
+        k = self.budget(n)
+        if k >= n:
+            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
+        grid = context.token_grid or (1, 1, n)  # no frame layout: one frame
+        if grid[0] * grid[1] * grid[2] != n:
+            raise ValueError(f"pruner 'prunevid': token_grid {grid} does not hold {n} tokens")
+        dtype = torch.promote_types(context.vision_embeds.dtype, torch.float32)
+        keep = torch.empty(b, k, dtype=torch.long)
+        weights = torch.zeros(b, k, n, dtype=dtype)
+        for i in range(b):
+            sets = sorted(prunevid_groups(context.vision_embeds[i], grid, k, self.config), key=min)
+            # member tokens and their set, in the sets' order (a dropped group's tokens are in no set)
+            sizes = torch.tensor([len(members) for members in sets])
+            owner = torch.repeat_interleave(torch.arange(k), sizes)
+            tokens = torch.tensor([t for members in sets for t in members])
+            keep[i] = torch.tensor([min(members) for members in sets])
+            weights[i, owner, tokens] = 1.0 / sizes[owner].to(dtype)
+        device = scores.device
+        return Selection(keep_index=keep.to(device), kept_weights=weights.to(device))
