@@ -47,14 +47,16 @@ METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
     "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}, 1),
     "tome": ({"name": "l2norm"}, {"name": "tome"}, 1),
     "prunevid (image: one frame)": ({"name": "l2norm"}, {"name": "prunevid"}, 1),
+    "mustdrop_merge (3x3 windows)": ({"name": "l2norm"}, {"name": "mustdrop_merge"}, 1),
     "fastv (in-LLM)": ({"name": "fastv"}, {"name": "topk"}, 1),
     "dart (in-LLM)": ({"name": "fastv"}, {"name": "dart"}, 1),
     "pyramiddrop (in-LLM, 3 stages)": ({"name": "pyramiddrop"}, {"name": "topk"}, 3),
     "sparsevlm (in-LLM, 3 stages)": ({"name": "sparsevlm"}, {"name": "sparsevlm"}, 3),
+    "mustdrop (in-LLM, 4 stages)": ({"name": "mustdrop"}, {"name": "topk"}, 4),
 }
-RATERS = 20  # SparseVLM's text raters per image: an assumed half of the TEXT tokens
+RATERS = 20  # text raters per image (SparseVLM's: an assumed half of the TEXT tokens; MustDrop's, all of them, alike)
 PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner", "tome",
-           "prunevid (image: one frame)"}
+           "prunevid (image: one frame)", "mustdrop_merge (3x3 windows)"}
 
 
 def make(registry, spec: dict, **extra):

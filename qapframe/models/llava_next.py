@@ -15,7 +15,7 @@ import torch
 from qapframe.models.attention import cls_attention_and_keys
 from qapframe.models.base import ADAPTERS
 from qapframe.models.llava import LlavaAdapter
-from qapframe.models.pruning import ImageTokens
+from qapframe.models.pruning import ImageTokens, anyres_layout
 
 
 @ADAPTERS.register("llava_next")
@@ -44,7 +44,8 @@ class LlavaNextAdapter(LlavaAdapter):
             if self._drop_cls(model, bound):
                 cls, keys = cls[:, 1:], keys[:, 1:]
             parts = [cls.unsqueeze(-1).float(), keys.float()]
-        tokens = torch.ones(sum(crops), self._tokens_per_crop(model, bound), 1, device=features[0].device)  # 1 = patch
+        per_crop = self._tokens_per_crop(model, bound)
+        tokens = torch.ones(sum(crops), per_crop, 1, device=features[0].device)  # 1 = patch
         aux = torch.cat([p.to(tokens) for p in parts] + [tokens], dim=-1)  # [C, P, 1 (+ 1 + Dk)]
         newline = aux.new_zeros(aux.shape[-1])  # newline tokens get marker 0 and zero score / keys
         packed, _ = base.pack_image_features(
@@ -61,7 +62,7 @@ class LlavaNextAdapter(LlavaAdapter):
             prunable = a[:, -1] > 0.5
             cls_i = a[:, 0].float() if parts else None
             keys_i = a[:, 1:-1].float() if parts else None
-            out.append(ImageTokens(f, prunable, cls_i, keys_i))
+            out.append(ImageTokens(f, prunable, cls_i, keys_i, layout=anyres_layout(prunable, per_crop)))
         return out
 
     def _tokens_per_crop(self, model, bound: dict) -> int:

@@ -29,7 +29,7 @@ import torch
 from qapframe.models.attention import received_attention_and_keys
 from qapframe.models.base import ADAPTERS
 from qapframe.models.llava import LlavaAdapter
-from qapframe.models.pruning import ImageTokens, image_spans
+from qapframe.models.pruning import ImageTokens, anyres_layout, image_spans
 
 
 @ADAPTERS.register("llava_onevision")
@@ -96,15 +96,20 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return torch.cat([p.to(marker) for p in parts] + [marker], dim=-1)
 
     @staticmethod
-    def _unit(features: torch.Tensor, channels: torch.Tensor, capture, modality: str, grid=None) -> ImageTokens:
-        """A packed ``features [N, D]`` and its side channels ``[N, c]`` -> one image's or clip's `ImageTokens`."""
+    def _unit(features: torch.Tensor, channels: torch.Tensor, capture, modality: str, grid=None,
+              base_tokens: int | None = None) -> ImageTokens:
+        """A packed ``features [N, D]`` and its side channels ``[N, c]`` -> one image's or clip's `ImageTokens`.
+
+        ``base_tokens``: an image's tokens per crop, to recover its anyres layout (`anyres_layout`)."""
         if channels.shape[0] != features.shape[0]:
             raise RuntimeError(f"packed scores ({channels.shape[0]}) and features ({features.shape[0]}) disagree")
         prunable = channels[:, -1] > 0.5  # newlines carry marker 0; interpolated tokens stay at 1
+        layout = None if base_tokens is None else anyres_layout(prunable, base_tokens)
         if capture is None:
-            return ImageTokens(features, prunable, modality=modality, grid=grid)
+            return ImageTokens(features, prunable, modality=modality, grid=grid, layout=layout)
         return ImageTokens(
-            features, prunable, channels[:, 0].float(), channels[:, 1:-1].float(), modality=modality, grid=grid
+            features, prunable, channels[:, 0].float(), channels[:, 1:-1].float(), modality=modality, grid=grid,
+            layout=layout,
         )
 
     def describe_images(self, model, features, capture, bound: dict) -> list[ImageTokens]:
@@ -126,7 +131,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             image_newline=channels.new_zeros(channels.shape[-1]),  # newline: marker 0, zero score and keys
             vision_aspect_ratio=bound.get("vision_aspect_ratio") or config.vision_aspect_ratio,
         )
-        return [self._unit(f, c, capture, "image") for f, c in zip(features, packed)]
+        per_crop = channels.shape[1]  # tokens of one crop, as the model keeps them
+        return [self._unit(f, c, capture, "image", base_tokens=per_crop) for f, c in zip(features, packed)]
 
     def describe_videos(self, model, features: torch.Tensor, capture, bound: dict) -> list[ImageTokens]:
         """``features [V, F * P + 1, D]`` (pooled frames, then the newline) -> one ``modality="video"`` unit each."""

@@ -7,6 +7,7 @@ plus what the scorers may need), calls `select_per_image`, and then either rebui
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,39 @@ class ImageTokens:
     # (frames, rows, cols) of the prunable tokens, frame-major then row-major (a video clip's frames, a Qwen
     # image's single frame); None when they are not one grid (anyres packing). Temporal pruners need it.
     grid: tuple[int, int, int] | None = None
+    # The prunable tokens as consecutive row-major 2-D pieces ``((rows, cols), ...)``: an anyres image's base
+    # crop, then its unpadded high-resolution grid; derived from ``grid`` (one piece per frame) when None.
+    layout: tuple[tuple[int, int], ...] | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.features.shape[0]
+
+    @property
+    def pieces(self) -> tuple[tuple[int, int], ...] | None:
+        if self.layout is not None:
+            return self.layout
+        return None if self.grid is None else ((self.grid[1], self.grid[2]),) * self.grid[0]
+
+
+def anyres_layout(prunable: torch.Tensor, base_tokens: int) -> tuple[tuple[int, int], ...] | None:
+    """``prunable [N]`` of an anyres packing (base crop, then grid rows each ending in a newline) -> its pieces.
+
+    ``base_tokens``: one crop's tokens (a square). None when the packing is not of that form (a [CLS] kept).
+    """
+    side = math.isqrt(base_tokens)
+    total = int(prunable.sum())
+    if side * side != base_tokens or total < base_tokens or bool((~prunable[:base_tokens]).any()):
+        return None
+    newlines = (~prunable).nonzero().squeeze(-1)
+    if total == base_tokens:  # the base view alone (its newline, if any, after it)
+        return ((side, side),) if bool((newlines >= base_tokens).all()) else None
+    rows = newlines.numel()
+    cols = (total - base_tokens) // max(rows, 1)
+    expected = base_tokens + (cols + 1) * torch.arange(rows, device=newlines.device) + cols
+    if rows == 0 or cols * rows != total - base_tokens or not torch.equal(newlines, expected):
+        return None
+    return ((side, side), (rows, cols))
 
 
 @dataclass
@@ -86,9 +116,10 @@ def select_per_image(
     out: list[ImageSelection | None] = [None] * len(images)
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
-        key = (int(image.prunable.sum()), None if targets is None else targets[i], i if adaptive else None, image.grid)
+        key = (int(image.prunable.sum()), None if targets is None else targets[i], i if adaptive else None,
+               image.grid, image.pieces)
         groups.setdefault(key, []).append(i)
-    for (count, target, _, grid), members in groups.items():
+    for (count, target, _, grid, pieces), members in groups.items():
         idx = [images[i].prunable.nonzero().squeeze(-1) for i in members]  # [P] each
 
         def stack(get):
@@ -123,6 +154,7 @@ def select_per_image(
             rater_mask=rater_mask,  # [G, R]
             adaptive_budget=adaptive and target is not None,
             token_grid=grid,
+            token_layout=pieces,
             quant=quant,
             seed=seed,
         )

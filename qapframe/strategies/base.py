@@ -99,7 +99,7 @@ class Pruner(Strategy, abc.ABC):
     Config: ClassVar[type[PrunerConfig]] = PrunerConfig
     config: PrunerConfig
     # True for pruners that work only before the LLM: their selections set `Selection.kept_weights` (which
-    # only pre-LLM pruning applies) or they read `ScoringContext.token_grid` (the unpruned frame layout).
+    # only pre-LLM pruning applies) or they read `ScoringContext.token_grid` / `token_layout` (the unpruned 2-D layout).
     pre_llm_only: ClassVar[bool] = False
 
     def budget(self, num_tokens: int) -> int:

@@ -89,6 +89,9 @@ class ScoringContext:
     # (frames, rows, cols) shared by every image of the batch, N = frames * rows * cols in frame-major order
     # (video clips; before the LLM only); None = no frame layout known.
     token_grid: tuple[int, int, int] | None = None
+    # The tokens as consecutive row-major 2-D pieces ((rows, cols), ...), shared by the batch: a clip's frames, an
+    # anyres image's base crop and high-resolution grid (before the LLM only); None = no 2-D layout known.
+    token_layout: tuple[tuple[int, int], ...] | None = None
     seed: int = 0
     extras: dict = field(default_factory=dict)  # room for plugin scorers' adapter-provided data
 

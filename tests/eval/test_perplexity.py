@@ -60,10 +60,14 @@ def test_perplexity_equals_direct_float64_reference(seq_len, stride):
 
 
 def test_smaller_stride_gives_more_context_and_lower_loss_on_a_repeating_stream():
-    """A stream that repeats with period 12 is predictable only with context: overlapping windows help."""
+    """A stream that repeats with period 12 is predictable only with context: overlapping windows help.
+
+    The period is six tokens and then the same six reversed, so one token of context never tells the next
+    (``a`` precedes both ``b`` and ``a``): a window's first tokens need the context only overlap gives."""
     torch.manual_seed(0)
     model = tiny_llama()
-    period = torch.randint(0, 50, (12,))
+    half = torch.randperm(50)[:6]
+    period = torch.cat([half, half.flip(0)])
     ids = period.repeat(8)
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     for _ in range(60):  # learn the period from 24-token windows

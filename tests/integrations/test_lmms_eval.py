@@ -25,7 +25,11 @@ from qapframe.spec import load_spec  # noqa: E402
 
 PRUNED_SPEC = ("model: {path: toy}\nquantizer: {name: rtn, scheme: W8A8}\nscorer: {name: visionzip}\n"
                "pruner: {name: topk, retention: 0.5}\nevaluation: {calibration_samples: 4}\n")
-DENSE_SPEC = "model: {path: toy}\nquantizer: {name: rtn, scheme: W8A8}\nevaluation: {calibration_samples: 4}\n"
+# The exactness checks (against a direct computation; batched against single rows) run in fp: under W8A8 a
+# batch's padding changes a matmul's blocking, and a last-bit change can flip one activation's 8-bit rounding
+# (seen: 4e-3 in a continuation's NLL on an AVX-512 CPU), which says nothing about the alignment checked here.
+DENSE_SPEC = "model: {path: toy}\nevaluation: {calibration_samples: 4}\n"
+FP_PRUNED_SPEC = PRUNED_SPEC.replace("quantizer: {name: rtn, scheme: W8A8}\n", "")
 
 TASK_UTILS = '''def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]
@@ -182,17 +186,17 @@ def test_loglikelihood_is_the_continuations_negative_log_likelihood(tmp_path):
         assert nll > 0
 
 
-def test_pruned_loglikelihood_batched_equals_single(pruned_model):
+def test_pruned_loglikelihood_batched_equals_single(tmp_path):
     """Left padding and per-row pruning: a batch of 3 scores each request as it scores alone."""
+    spec = tmp_path / "pruned_fp.yaml"
+    spec.write_text(FP_PRUNED_SPEC)
+    pruned_model = QapframeLMMS(spec=str(spec), batch_size=3)
     records = _records(short=False, n=2)
     _attach(pruned_model, "t", records)
     requests = _choice_requests(records)
     batched = _scores(pruned_model.loglikelihood(requests))
     pruned_model.batch_size_per_request = 1
-    try:
-        single = _scores(pruned_model.loglikelihood(requests))
-    finally:
-        pruned_model.batch_size_per_request = 3
+    single = _scores(pruned_model.loglikelihood(requests))
     assert [g for _, g in batched] == [g for _, g in single]
     torch.testing.assert_close(torch.tensor([n for n, _ in batched]), torch.tensor([n for n, _ in single]),
                                rtol=1e-4, atol=1e-4)

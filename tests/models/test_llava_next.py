@@ -133,3 +133,58 @@ def test_batch_equals_single_runs(model, inputs, scorer):
             assert torch.equal(gen(model, **single)[0, -NEW:], batch[i, -NEW:])
     finally:
         LlavaNextAdapter().remove(model)
+
+
+
+def test_layout_is_the_base_crop_then_the_unpadded_grid_as_the_model_packs_them(model, inputs):
+    """Each image's pieces against the model's own packing of every token's (crop, row, col): along a layout
+    row the tokens are horizontal neighbours in the image, down a layout column vertical ones."""
+    from qapframe.transformers_internals import image_size_to_num_patches
+
+    install(model, ("l2norm", {}), "mustdrop_merge", retention=0.5)
+    try:
+        model(**inputs)
+        units = model.qapframe_last_selection["units"]
+    finally:
+        LlavaNextAdapter().remove(model)
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    for unit, size in zip(units, inputs["image_sizes"].tolist()):
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        channel = torch.stack([torch.stack([torch.full((side, side), c), rows, cols], -1).view(side * side, 3)
+                               for c in range(crops)]).float()  # [C, S, 3]: crop, row, col of every token
+        packed, _ = model.model.pack_image_features(
+            [channel], [size], vision_feature_select_strategy=config.vision_feature_select_strategy,
+            image_newline=torch.full((3,), -1.0),
+        )
+        tokens = packed[0][packed[0][:, 0] >= 0].long()  # [P, 3], newlines dropped
+        (base_rows, base_cols), (grid_rows, grid_cols) = unit.layout
+        assert (base_rows, base_cols) == (side, side) and (tokens[: side * side, 0] == 0).all()  # the base crop first
+        assert grid_rows * grid_cols == tokens.shape[0] - side * side
+        grid = tokens[side * side :].view(grid_rows, grid_cols, 3)
+
+        def neighbours(a, b, along, across):  # b is the next token after a along one image axis
+            same_line = a[..., across] == b[..., across]
+            step = (a[..., 0] == b[..., 0]) & (b[..., along] == a[..., along] + 1)
+            crossing = (a[..., 0] != b[..., 0]) & (a[..., along] == side - 1) & (b[..., along] == 0)
+            return bool((same_line & (step | crossing)).all())
+
+        assert neighbours(grid[:, :-1], grid[:, 1:], along=2, across=1)  # rightwards: same patch row
+        assert neighbours(grid[:-1], grid[1:], along=1, across=2)  # downwards: same patch column
+
+
+def test_anyres_layout_reads_the_packing_or_says_none():
+    from qapframe.models.pruning import anyres_layout
+
+    def mask(base, rows, cols, newline_after_base=False):
+        parts = [torch.ones(base, dtype=torch.bool)] + [torch.zeros(1, dtype=torch.bool)] * newline_after_base
+        parts += [torch.cat([torch.ones(cols, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])] * rows
+        return torch.cat(parts)
+
+    assert anyres_layout(mask(16, 3, 5), 16) == ((4, 4), (3, 5))
+    assert anyres_layout(mask(16, 0, 0, newline_after_base=True), 16) == ((4, 4),)  # the base view alone
+    assert anyres_layout(mask(16, 3, 5), 17) is None  # a kept [CLS]: the crop is not a square
+    assert anyres_layout(mask(16, 3, 5, newline_after_base=True), 16) is None  # not this packing
+    uneven = torch.cat([torch.ones(16, dtype=torch.bool), mask(0, 1, 5), mask(0, 1, 4)])
+    assert anyres_layout(uneven, 16) is None

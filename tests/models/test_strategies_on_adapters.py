@@ -91,18 +91,20 @@ METHODS = {  # name -> (scorer, pruner)
     "vispruner": ({"name": "visionzip"}, {"name": "vispruner"}),
     "tome": ({"name": "l2norm"}, {"name": "tome"}),
     "prunevid": ({"name": "l2norm"}, {"name": "prunevid"}),  # an image is a one-frame clip
+    "mustdrop_merge": ({"name": "l2norm"}, {"name": "mustdrop_merge"}),
     "random": ({"name": "random"}, {"name": "topk"}),
     "fastv": ({"name": "fastv", "k": 2}, {"name": "topk"}),
     "dart": ({"name": "fastv", "k": 2}, {"name": "dart", "k": 2, "num_pivots": 2}),
     "pyramiddrop": ({"name": "pyramiddrop", "stages": [0.25, 0.5, 0.75]}, {"name": "topk"}),
     # the paper's 3/32, 7/32, 1/2 cannot be three distinct layers of a 4-layer LLM: layers 0, 1, 2
     "sparsevlm": ({"name": "sparsevlm", "stages": [0.25, 0.5, 0.75]}, {"name": "sparsevlm"}),
+    "mustdrop": ({"name": "mustdrop", "stages": [0.25, 0.5, 0.75]}, {"name": "topk"}),
 }
 # Pruners that need a clip's frames, tested on the video adapters instead (the shared inputs are images):
 # tests/models/test_llava_onevision.py and tests/models/test_qwen_vl.py (`-k dycoke`).
 VIDEO_ONLY = {"dycoke"}
-IN_LLM = {"fastv", "dart", "pyramiddrop", "sparsevlm"}
-STAGES = {"pyramiddrop": 3, "sparsevlm": 3}  # in-LLM pruning stages (others: 1)
+IN_LLM = {"fastv", "dart", "pyramiddrop", "sparsevlm", "mustdrop"}
+STAGES = {"pyramiddrop": 3, "sparsevlm": 3, "mustdrop": 3}  # in-LLM pruning stages (others: 1)
 NEW = 4
 
 _cache: dict = {}
@@ -139,8 +141,16 @@ def single(inputs, extra, i):
     return out
 
 
-def gen(model, inputs):
-    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+def placeholder_ids(model) -> list[int]:
+    ids = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id", "image_token_index")]
+    return sorted({int(t) for t in ids if t is not None})
+
+
+def gen(model, inputs, text_only: bool = False):
+    """Greedy tokens; ``text_only``: never a placeholder token (the staged reference re-feeds the new tokens
+    as text, and a random tiny model may emit an image token, which the model would take for an image)."""
+    suppress = placeholder_ids(model) if text_only else None
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, suppress_tokens=suppress)
 
 
 ADAPTER_NAMES = ADAPTERS.names()
@@ -288,7 +298,7 @@ def test_in_llm_generate_matches_the_staged_reference_token_for_token(adapter, m
     model, inputs, _ = setup(adapter)
     install(model, method, 0.25)
     try:
-        tokens = gen(model, inputs)
+        tokens = gen(model, inputs, text_only=True)
         state, spans = model.qapframe_last_selection["state"], model.qapframe_last_selection["spans"]
         layers = list(model.qapframe_installation.inllm.layers)
     finally:
@@ -299,6 +309,7 @@ def test_in_llm_generate_matches_the_staged_reference_token_for_token(adapter, m
     new = tokens[:, length:]
     for step in range(NEW):
         logits, _ = staged_reference(model, inputs, state, layers, new[:, :step], generate_positions=True)
+        logits[:, -1, placeholder_ids(model)] = -torch.inf  # as `gen(text_only=True)` suppresses them
         assert torch.equal(logits[:, -1].argmax(-1), new[:, step])
 
 
