@@ -235,6 +235,8 @@ def reference_generate(model, inputs, selections):
         ("mixed", ("visionzip", {}), "visionzip"),
         ("mixed", ("l2norm", {}), "tome"),
         ("mixed", ("l2norm", {}), "prunevid"),
+        ("mixed", ("visionzip", {}), "fastvid"),
+        ("video", ("visionzip", {}), "fastvid"),
         ("multi", ("hybrid", {}), "topk"),
     ],
 )

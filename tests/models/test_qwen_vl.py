@@ -210,7 +210,8 @@ def test_full_retention_is_bit_identical(models, inputs, name, case):
 
 PRUNE_CASES = [(n, VISIONZIP) for n in BUILD] + [
     ("qwen2_5_vl", (("hybrid", {"alpha": 0.3}), "topk")), ("qwen3_vl", (("l2norm", {}), "divprune")),
-    ("qwen3_vl", (("l2norm", {}), "tome")), ("qwen2_5_vl", (("l2norm", {}), "prunevid"))]
+    ("qwen3_vl", (("l2norm", {}), "tome")), ("qwen2_5_vl", (("l2norm", {}), "prunevid")),
+    ("qwen2_vl", (("visionzip", {}), "fastvid"))]
 
 
 @pytest.mark.parametrize("name,case", PRUNE_CASES, ids=lambda v: v if isinstance(v, str) else v[1])
@@ -381,11 +382,15 @@ def test_dycoke_prunes_clips_frame_by_frame_in_the_models_own_layout(models, nam
     assert torch.equal(tokens[:, clip["input_ids"].shape[1] :], reference_generate(model, clip, selections)[0])
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl"])
-def test_prunevid_on_clips_gives_generate_the_merged_tokens_at_their_first_members_positions(models, name):
+MERGING_VIDEO_CASES = [("qwen2_5_vl", (("l2norm", {}), "prunevid")), ("qwen2_vl", (("l2norm", {}), "prunevid")),
+                       ("qwen2_5_vl", (("visionzip", {}), "fastvid"))]
+
+
+@pytest.mark.parametrize("name,case", MERGING_VIDEO_CASES, ids=str)
+def test_merging_video_pruners_give_generate_the_merged_tokens_at_their_positions(models, name, case):
     model = models[name]
     clip = qwen_vl_inputs([(4, 8, 8), (4, 8, 12)], [3, 6], seed=5, video=True)
-    install(model, ("l2norm", {}), "prunevid", retention=0.25)
+    install(model, *case, retention=0.25)
     try:
         tokens = gen(model, clip)
         selections = model.qapframe_last_selection["selections"]

@@ -92,6 +92,7 @@ METHODS = {  # name -> (scorer, pruner)
     "tome": ({"name": "l2norm"}, {"name": "tome"}),
     "prunevid": ({"name": "l2norm"}, {"name": "prunevid"}),  # an image is a one-frame clip
     "mustdrop_merge": ({"name": "l2norm"}, {"name": "mustdrop_merge"}),
+    "fastvid": ({"name": "visionzip"}, {"name": "fastvid"}),  # an image is a one-frame clip
     "random": ({"name": "random"}, {"name": "topk"}),
     "fastv": ({"name": "fastv", "k": 2}, {"name": "topk"}),
     "dart": ({"name": "fastv", "k": 2}, {"name": "dart", "k": 2, "num_pivots": 2}),

@@ -7,7 +7,8 @@
 - `greedy_max_min`: the greedy (farthest-point) heuristic for the max-min diversity problem, as DivPrune
   uses it; for a metric distance it is a 2-approximation (Ravi, Rosenkrantz & Tayi, 1994).
 - `cosine_similarity_matrix`: ``[B, N, D] -> [B, N, N]``, through `symmetric_gram` (half the FLOPs of a matmul).
-- `density_peak_clusters`: DPC-kNN (Du et al., 2016) as SparseVLM and PruneVid cluster tokens before merging.
+- `density_peak_clusters`: DPC-kNN (Du et al., 2016) as SparseVLM and PruneVid cluster tokens before merging;
+  `density_peak_scores`, its centre scores, as FastVID picks its anchor tokens.
 
 All run batched over images, compute in at least float32, and break ties toward the earlier token. On CPU
 the two greedy loops run as numba kernels (`qapframe.kernels.selection_cpu`: the same rules, compiled; the
@@ -53,12 +54,12 @@ def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
     return symmetric_gram(unit_rows(x))
 
 
-def density_peak_clusters(x: torch.Tensor, clusters: int, neighbours: int) -> torch.Tensor:
-    """``x [R, D]`` -> each token's cluster ``[R]`` in ``0..C-1``, clusters numbered by their centre's index.
+def density_peak_scores(x: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [R, D]`` -> each token's centre score ``density * delta`` ``[R]`` and the distances ``[R, R]``.
 
     Distances over ``sqrt(D)``; density ``exp(-mean d^2)`` over the ``neighbours`` nearest tokens, self
-    included; centres: the ``C`` highest density x distance to the nearest denser token; every token joins
-    its nearest centre. Computed in float64; ties go to the earlier token.
+    included; delta: the distance to the nearest denser token (the densest: the largest distance).
+    Computed in float64; equal densities: the earlier token counts as denser.
     """
     x = x.double()  # float64 Gram matrix: fast (one matmul) yet exact enough for the comparisons below
     r, d = x.shape
@@ -74,7 +75,17 @@ def density_peak_clusters(x: torch.Tensor, clusters: int, neighbours: int) -> to
     # denser[i, j]: token j is denser than token i (equal densities: the earlier token counts as denser)
     denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
     delta = torch.where(denser, dist, dist.max()).amin(dim=-1)  # distance to the nearest denser token
-    order = torch.sort(delta * density, descending=True, stable=True).indices[:clusters]
+    return delta * density, dist
+
+
+def density_peak_clusters(x: torch.Tensor, clusters: int, neighbours: int) -> torch.Tensor:
+    """``x [R, D]`` -> each token's cluster ``[R]`` in ``0..C-1``, clusters numbered by their centre's index.
+
+    DPC-kNN: the centres are the ``C`` highest `density_peak_scores` (ties: the earlier token); every
+    token joins its nearest centre.
+    """
+    score, dist = density_peak_scores(x, neighbours)
+    order = torch.sort(score, descending=True, stable=True).indices[:clusters]
     centres = torch.sort(order).values  # [C] ascending
     assign = dist[:, centres].argmin(dim=-1)  # nearest centre (ties: the earlier one)
     assign[centres] = torch.arange(clusters, device=x.device)
