@@ -49,6 +49,7 @@ METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
     "prunevid (image: one frame)": ({"name": "l2norm"}, {"name": "prunevid"}, 1),
     "mustdrop_merge (3x3 windows)": ({"name": "l2norm"}, {"name": "mustdrop_merge"}, 1),
     "fastvid (image: one frame)": ({"name": "visionzip"}, {"name": "fastvid"}, 1),
+    "holitom (image: one frame)": ({"name": "visionzip"}, {"name": "holitom"}, 1),
     "fastv (in-LLM)": ({"name": "fastv"}, {"name": "topk"}, 1),
     "dart (in-LLM)": ({"name": "fastv"}, {"name": "dart"}, 1),
     "pyramiddrop (in-LLM, 3 stages)": ({"name": "pyramiddrop"}, {"name": "topk"}, 3),
@@ -57,7 +58,8 @@ METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
 }
 RATERS = 20  # text raters per image (SparseVLM's: an assumed half of the TEXT tokens; MustDrop's, all of them, alike)
 PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner", "tome",
-           "prunevid (image: one frame)", "mustdrop_merge (3x3 windows)", "fastvid (image: one frame)"}
+           "prunevid (image: one frame)", "mustdrop_merge (3x3 windows)", "fastvid (image: one frame)",
+           "holitom (image: one frame)"}
 
 
 def make(registry, spec: dict, **extra):

@@ -237,6 +237,7 @@ def reference_generate(model, inputs, selections):
         ("mixed", ("l2norm", {}), "prunevid"),
         ("mixed", ("visionzip", {}), "fastvid"),
         ("video", ("visionzip", {}), "fastvid"),
+        ("video", ("visionzip", {}), "holitom"),
         ("multi", ("hybrid", {}), "topk"),
     ],
 )

@@ -383,7 +383,7 @@ def test_dycoke_prunes_clips_frame_by_frame_in_the_models_own_layout(models, nam
 
 
 MERGING_VIDEO_CASES = [("qwen2_5_vl", (("l2norm", {}), "prunevid")), ("qwen2_vl", (("l2norm", {}), "prunevid")),
-                       ("qwen2_5_vl", (("visionzip", {}), "fastvid"))]
+                       ("qwen2_5_vl", (("visionzip", {}), "fastvid")), ("qwen2_vl", (("visionzip", {}), "holitom"))]
 
 
 @pytest.mark.parametrize("name,case", MERGING_VIDEO_CASES, ids=str)

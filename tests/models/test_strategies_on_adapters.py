@@ -93,6 +93,7 @@ METHODS = {  # name -> (scorer, pruner)
     "prunevid": ({"name": "l2norm"}, {"name": "prunevid"}),  # an image is a one-frame clip
     "mustdrop_merge": ({"name": "l2norm"}, {"name": "mustdrop_merge"}),
     "fastvid": ({"name": "visionzip"}, {"name": "fastvid"}),  # an image is a one-frame clip
+    "holitom": ({"name": "visionzip"}, {"name": "holitom"}),  # an image: top-k by score
     "random": ({"name": "random"}, {"name": "topk"}),
     "fastv": ({"name": "fastv", "k": 2}, {"name": "topk"}),
     "dart": ({"name": "fastv", "k": 2}, {"name": "dart", "k": 2, "num_pivots": 2}),

@@ -1,5 +1,5 @@
 """Built-in pruners; importing this package registers them."""
 
 from qapframe.strategies.pruners import (  # noqa: F401
-    cdpruner, dart, divprune, dycoke, fastvid, mustdrop, prunevid, sparsevlm, tome, topk, vispruner, visionzip,
+    cdpruner, dart, divprune, dycoke, fastvid, holitom, mustdrop, prunevid, sparsevlm, tome, topk, vispruner, visionzip,
 )

@@ -151,7 +151,8 @@ class FastVIDPruner(Pruner):
         for i in range(b):
             kept, rows = fastvid_rows(context.vision_embeds[i].cpu(), scores[i].cpu(), grid, k, self.config)
             keep[i] = torch.tensor(kept)
-            for j, row in enumerate(rows):
-                weights[i, j, list(row)] = torch.tensor(list(row.values()), dtype=dtype)
+            at = [(j, t) for j, row in enumerate(rows) for t in row]  # one scatter for every weight
+            values = torch.tensor([w for row in rows for w in row.values()], dtype=dtype)
+            weights[i, torch.tensor([j for j, _ in at]), torch.tensor([t for _, t in at])] = values
         device = scores.device
         return Selection(keep_index=keep.to(device), kept_weights=weights.to(device))

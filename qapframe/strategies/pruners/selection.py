@@ -78,18 +78,23 @@ def density_peak_scores(x: torch.Tensor, neighbours: int) -> tuple[torch.Tensor,
     return delta * density, dist
 
 
-def density_peak_clusters(x: torch.Tensor, clusters: int, neighbours: int) -> torch.Tensor:
-    """``x [R, D]`` -> each token's cluster ``[R]`` in ``0..C-1``, clusters numbered by their centre's index.
+def density_peak_centres(x: torch.Tensor, clusters: int, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [R, D]`` -> the DPC-kNN centres ``[C]`` (ascending) and each token's cluster ``[R]`` in ``0..C-1``.
 
-    DPC-kNN: the centres are the ``C`` highest `density_peak_scores` (ties: the earlier token); every
-    token joins its nearest centre.
+    The centres are the ``C`` highest `density_peak_scores` (ties: the earlier token); every other token
+    joins its nearest centre (ties: the earlier one); cluster ``c`` is the one of ``centres[c]``.
     """
     score, dist = density_peak_scores(x, neighbours)
     order = torch.sort(score, descending=True, stable=True).indices[:clusters]
     centres = torch.sort(order).values  # [C] ascending
     assign = dist[:, centres].argmin(dim=-1)  # nearest centre (ties: the earlier one)
     assign[centres] = torch.arange(clusters, device=x.device)
-    return assign
+    return centres, assign
+
+
+def density_peak_clusters(x: torch.Tensor, clusters: int, neighbours: int) -> torch.Tensor:
+    """``x [R, D]`` -> each token's cluster ``[R]`` in ``0..C-1``, clusters numbered by their centre's index."""
+    return density_peak_centres(x, clusters, neighbours)[1]
 
 
 def greedy_dpp_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
