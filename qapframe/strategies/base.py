@@ -39,6 +39,11 @@ class Selection:
     # at its own position (ToMe: its group's mean); None = each kept token is itself. Pre-LLM pruners only.
     kept_weights: torch.Tensor | None = None
 
+    @classmethod
+    def everything(cls, b: int, n: int, device=None) -> "Selection":
+        """All ``n`` tokens of each of ``b`` images, in order (a budget that keeps everything)."""
+        return cls(keep_index=torch.arange(n, device=device).expand(b, n).clone())
+
     @property
     def num_tokens(self) -> int:
         extra = 0 if self.extra_tokens is None else self.extra_tokens.shape[1]

@@ -47,7 +47,7 @@ class DARTPruner(Pruner):
         b, n = scores.shape
         budget = self.budget(n)
         if budget >= n:
-            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
+            return Selection.everything(b, n, scores.device)
         hidden = context.require("llm_hidden", "dart pruner")  # [B, N, D]
         keys = context.require("llm_keys", "dart pruner")  # [B, N, Dk]
         p = min(self.config.num_pivots, budget)

@@ -63,7 +63,7 @@ class DyCokePruner(Pruner):
         b, n = scores.shape
         k = self.budget(n)
         if k >= n:
-            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
+            return Selection.everything(b, n, scores.device)
         grid = context.token_grid
         if grid is None or grid[0] * grid[1] * grid[2] != n:
             raise ValueError(

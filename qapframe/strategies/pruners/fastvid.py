@@ -25,13 +25,11 @@ plus density-merged context, VisionZip-like. Pre-LLM only (`Selection.kept_weigh
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from pydantic import Field
 
-from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection
-from qapframe.strategies.context import ScoringContext
+from qapframe.strategies.base import PRUNERS, PrunerConfig
+from qapframe.strategies.pruners.clips import ClipMergingPruner
 from qapframe.strategies.pruners.selection import density_peak_scores
 
 
@@ -130,29 +128,11 @@ def fastvid_rows(
 
 
 @PRUNERS.register("fastvid")
-class FastVIDPruner(Pruner):
+class FastVIDPruner(ClipMergingPruner):
     """Per clip: segments where frames change, salient tokens by score, the rest merged onto density anchors."""
 
     Config = FastVIDConfig
     config: FastVIDConfig
-    pre_llm_only: ClassVar[bool] = True  # merged tokens are weighted sums of projected tokens (`kept_weights`)
 
-    def select(self, scores: torch.Tensor, context: ScoringContext) -> Selection:
-        b, n = scores.shape
-        k = self.budget(n)
-        if k >= n:
-            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
-        grid = context.token_grid or (1, 1, n)  # no frame layout: one frame
-        if grid[0] * grid[1] * grid[2] != n:
-            raise ValueError(f"pruner 'fastvid': token_grid {grid} does not hold {n} tokens")
-        dtype = torch.promote_types(context.vision_embeds.dtype, torch.float32)
-        keep = torch.empty(b, k, dtype=torch.long)
-        weights = torch.zeros(b, k, n, dtype=dtype)
-        for i in range(b):
-            kept, rows = fastvid_rows(context.vision_embeds[i].cpu(), scores[i].cpu(), grid, k, self.config)
-            keep[i] = torch.tensor(kept)
-            at = [(j, t) for j, row in enumerate(rows) for t in row]  # one scatter for every weight
-            values = torch.tensor([w for row in rows for w in row.values()], dtype=dtype)
-            weights[i, torch.tensor([j for j, _ in at]), torch.tensor([t for _, t in at])] = values
-        device = scores.device
-        return Selection(keep_index=keep.to(device), kept_weights=weights.to(device))
+    def unit_rows(self, x, scores, grid, budget):
+        return fastvid_rows(x, scores, grid, budget, self.config)

@@ -24,13 +24,11 @@ top-k by score. Pre-LLM only (`Selection.kept_weights`).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from pydantic import Field
 
-from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection
-from qapframe.strategies.context import ScoringContext
+from qapframe.strategies.base import PRUNERS, PrunerConfig
+from qapframe.strategies.pruners.clips import ClipMergingPruner
 from qapframe.strategies.pruners.prunevid import item_means, shares
 from qapframe.strategies.pruners.selection import density_peak_centres
 
@@ -132,30 +130,12 @@ def holitom_rows(
 
 
 @PRUNERS.register("holitom")
-class HoliTomPruner(Pruner):
+class HoliTomPruner(ClipMergingPruner):
     """Per clip: still tokens merged over the segments that remove the most, then top moving tokens and
     DPC-kNN merged still tokens, budget(N) in total."""
 
     Config = HoliTomConfig
     config: HoliTomConfig
-    pre_llm_only: ClassVar[bool] = True  # merged tokens are weighted sums of projected tokens (`kept_weights`)
 
-    def select(self, scores: torch.Tensor, context: ScoringContext) -> Selection:
-        b, n = scores.shape
-        k = self.budget(n)
-        if k >= n:
-            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
-        grid = context.token_grid or (1, 1, n)  # no frame layout: one frame
-        if grid[0] * grid[1] * grid[2] != n:
-            raise ValueError(f"pruner 'holitom': token_grid {grid} does not hold {n} tokens")
-        dtype = torch.promote_types(context.vision_embeds.dtype, torch.float32)
-        keep = torch.empty(b, k, dtype=torch.long)
-        weights = torch.zeros(b, k, n, dtype=dtype)
-        for i in range(b):
-            kept, rows = holitom_rows(context.vision_embeds[i].cpu(), scores[i].cpu(), grid, k, self.config)
-            keep[i] = torch.tensor(kept)
-            at = [(j, t) for j, row in enumerate(rows) for t in row]  # one scatter for every weight
-            values = torch.tensor([w for row in rows for w in row.values()], dtype=dtype)
-            weights[i, torch.tensor([j for j, _ in at]), torch.tensor([t for _, t in at])] = values
-        device = scores.device
-        return Selection(keep_index=keep.to(device), kept_weights=weights.to(device))
+    def unit_rows(self, x, scores, grid, budget):
+        return holitom_rows(x, scores, grid, budget, self.config)

@@ -85,7 +85,7 @@ class MustDropMergePruner(Pruner):
         b, n = scores.shape
         k = self.budget(n)
         if k >= n:
-            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
+            return Selection.everything(b, n, scores.device)
         ids = window_ids(token_pieces(context, n), self.config.window)  # [N]
         windows = int(ids.max()) + 1
         if k < windows:

@@ -22,13 +22,11 @@ its earliest member's position. Score-free; pre-LLM only (`Selection.kept_weight
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from pydantic import Field
 
-from qapframe.strategies.base import PRUNERS, Pruner, PrunerConfig, Selection
-from qapframe.strategies.context import ScoringContext
+from qapframe.strategies.base import PRUNERS, PrunerConfig
+from qapframe.strategies.pruners.clips import ClipMergingPruner
 from qapframe.strategies.pruners.selection import density_peak_clusters
 
 
@@ -147,31 +145,12 @@ def prunevid_groups(clip: torch.Tensor, grid: tuple[int, int, int], budget: int,
 
 
 @PRUNERS.register("prunevid")
-class PruneVidPruner(Pruner):
+class PruneVidPruner(ClipMergingPruner):
     """Scenes' still tokens merged over time, then DPC-kNN clusters per group merged, budget(N) in total."""
 
     Config = PruneVidConfig
     config: PruneVidConfig
-    pre_llm_only: ClassVar[bool] = True  # merged tokens are means of projected tokens (`Selection.kept_weights`)
 
-    def select(self, scores: torch.Tensor, context: ScoringContext) -> Selection:
-        b, n = scores.shape
-        k = self.budget(n)
-        if k >= n:
-            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
-        grid = context.token_grid or (1, 1, n)  # no frame layout: one frame
-        if grid[0] * grid[1] * grid[2] != n:
-            raise ValueError(f"pruner 'prunevid': token_grid {grid} does not hold {n} tokens")
-        dtype = torch.promote_types(context.vision_embeds.dtype, torch.float32)
-        keep = torch.empty(b, k, dtype=torch.long)
-        weights = torch.zeros(b, k, n, dtype=dtype)
-        for i in range(b):
-            sets = sorted(prunevid_groups(context.vision_embeds[i], grid, k, self.config), key=min)
-            # member tokens and their set, in the sets' order (a dropped group's tokens are in no set)
-            sizes = torch.tensor([len(members) for members in sets])
-            owner = torch.repeat_interleave(torch.arange(k), sizes)
-            tokens = torch.tensor([t for members in sets for t in members])
-            keep[i] = torch.tensor([min(members) for members in sets])
-            weights[i, owner, tokens] = 1.0 / sizes[owner].to(dtype)
-        device = scores.device
-        return Selection(keep_index=keep.to(device), kept_weights=weights.to(device))
+    def unit_rows(self, x, scores, grid, budget):
+        sets = sorted(prunevid_groups(x, grid, budget, self.config), key=min)
+        return [min(m) for m in sets], [{t: 1.0 / len(m) for t in m} for m in sets]  # each set's mean

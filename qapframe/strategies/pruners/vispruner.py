@@ -55,7 +55,7 @@ class VisPrunerPruner(Pruner):
         b, n = scores.shape
         k = self.budget(n)
         if k >= n:
-            return Selection(keep_index=torch.arange(n, device=scores.device).expand(b, n).clone())
+            return Selection.everything(b, n, scores.device)
         important = min(k, round(self.config.important_ratio * k))
         keep = keep_top_k(scores, important)  # [B, I]
         rest = torch.ones_like(scores, dtype=torch.bool).scatter_(1, keep, False)
