@@ -257,36 +257,35 @@ def test_pruned_generate_equals_the_model_fed_only_kept_tokens(model, request, k
     assert torch.equal(tokens[:, length:], reference_generate(model, inputs, selections))
 
 
-def test_dycoke_keeps_the_first_frame_whole_and_spreads_the_rest_over_the_others(model):
-    clips = llava_onevision_video_inputs(model, num_frames=4, prompt_lengths=[5, 7], seed=6)
-    install(model, ("l2norm", {}), "dycoke", retention=0.5)
+def pruned_clips(model, seed: int, pruner: str, retention: float) -> dict:
+    """Two 4-frame clips pruned by ``pruner``: the selection info, after checking generate against the
+    model fed only the kept (merged) tokens."""
+    clips = llava_onevision_video_inputs(model, num_frames=4, prompt_lengths=[5, 7], seed=seed)
+    install(model, ("l2norm", {}), pruner, retention=retention)
     try:
         tokens = gen(model, **clips)
         info = model.qapframe_last_selection
     finally:
         remove(model)
+    length = clips["input_ids"].shape[1]
+    assert torch.equal(tokens[:, length:], reference_generate(model, clips, info["selections"]))
+    return info
+
+
+def test_dycoke_keeps_the_first_frame_whole_and_spreads_the_rest_over_the_others(model):
+    info = pruned_clips(model, 6, "dycoke", 0.5)
     for unit, selection in zip(info["units"], info["selections"]):
         assert unit.grid == (4, 2, 2) and unit.num_tokens == 4 * 4 + 1  # 2 x 2 pooled frames, then the newline
         kept = selection.keep_index.tolist()
         frames = [sum(1 for i in kept if i // 4 == f) for f in range(4)]
         assert frames == [4, 2, 1, 1] and kept[-1] == 16  # 8 of 16: frame 0 whole, 4 over frames 1-3; the newline
-    length = clips["input_ids"].shape[1]
-    assert torch.equal(tokens[:, length:], reference_generate(model, clips, info["selections"]))
 
 
 def test_prunevid_merges_each_clip_to_its_budget_within_its_frames(model):
-    clips = llava_onevision_video_inputs(model, num_frames=4, prompt_lengths=[5, 7], seed=7)
-    install(model, ("l2norm", {}), "prunevid", retention=0.25)
-    try:
-        tokens = gen(model, **clips)
-        info = model.qapframe_last_selection
-    finally:
-        remove(model)
+    info = pruned_clips(model, 7, "prunevid", 0.25)
     for unit, selection in zip(info["units"], info["selections"]):
         assert unit.grid == (4, 2, 2) and selection.num_tokens == 4 + 1  # 25 % of 16, then the newline
         assert selection.keep_index[-1] == 16 and torch.equal(selection.kept_weights[-1, 16], torch.tensor(1.0))
-    length = clips["input_ids"].shape[1]
-    assert torch.equal(tokens[:, length:], reference_generate(model, clips, info["selections"]))
 
 
 @pytest.mark.parametrize("scorer", [("hybrid", {}), ("fastv", {"k": 2})], ids=lambda s: s[0])
