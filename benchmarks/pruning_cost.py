@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import prefill  # noqa: E402  (the prefill benchmark's model and FLOP count)
 
 from qapframe.models.inllm_state import stage_targets  # noqa: E402
-from qapframe.strategies.base import PRUNERS, SCORERS  # noqa: E402
+from qapframe.strategies.base import PRUNERS, SCORERS, requirements_of  # noqa: E402
 from qapframe.strategies.context import ScoringContext  # noqa: E402
 
 N, TEXT = 576, 40
@@ -57,9 +57,12 @@ METHODS = {  # label -> (scorer spec, pruner spec, in-LLM stages)
     "mustdrop (in-LLM, 4 stages)": ({"name": "mustdrop"}, {"name": "topk"}, 4),
 }
 RATERS = 20  # text raters per image (SparseVLM's: an assumed half of the TEXT tokens; MustDrop's, all of them, alike)
-PRE_LLM = {"visionzip", "hybrid (top-k)", "cdpruner", "cdpruner + hybrid relevance", "divprune", "vispruner", "tome",
-           "prunevid (image: one frame)", "mustdrop_merge (3x3 windows)", "fastvid (image: one frame)",
-           "holitom (image: one frame)"}
+
+
+def pre_llm(label: str) -> bool:
+    """Whether the method prunes before the LLM (its scorer and pruner ask for nothing from inside it)."""
+    scorer_spec, pruner_spec, _ = METHODS[label]
+    return not requirements_of(make(SCORERS, scorer_spec), make(PRUNERS, pruner_spec)).in_llm
 
 
 def make(registry, spec: dict, **extra):
@@ -91,11 +94,12 @@ def selection_seconds(label: str, retention: float, d: int, repeats: int) -> flo
     counts = [N] + stage_targets(N, final, stages)  # the in-LLM stages' token counts, as the adapter plans them
     contexts = [context(counts[s], d, seed=s).with_(adaptive_budget=s + 1 < stages) for s in range(stages)]
     stage_pruners = [pruner] if stages == 1 else [make(PRUNERS, pruner_spec, num_tokens=counts[s + 1]) for s in range(stages)]
+    before_llm = not requirements_of(scorer, pruner).in_llm
 
     def run():
         for ctx, p in zip(contexts, stage_pruners):
             selection = p.select(scorer.score(ctx), ctx)
-            if label in PRE_LLM:  # the tokens the LLM receives: ToMe forms its group means here
+            if before_llm:  # the tokens the LLM receives: merging pruners form their weighted sums here
                 selection.gather(ctx.vision_embeds)
 
     return prefill.timed(run, repeats)  # its warm-up call compiles (or loads) the numba kernels
@@ -173,7 +177,7 @@ def main() -> None:
         for retention in (0.5, 0.25, 0.125):
             at_7b = selection_seconds(label, retention, 4096, args.repeats)
             at_bench = selection_seconds(label, retention, bench_width, args.repeats)
-            rows.append({"method": label, "pre_llm": label in PRE_LLM, "retention": retention,
+            rows.append({"method": label, "pre_llm": pre_llm(label), "retention": retention,
                          "ms_d4096": 1e3 * at_7b, "share_7b": at_7b / prefill_7b_s,
                          f"ms_d{bench_width}": 1e3 * at_bench, "share_bench": at_bench / bench_s})
 

@@ -1,4 +1,5 @@
-"""What the pruners that merge a clip's tokens share (PruneVid, FastVID, HoliTom): its grid, its merged selection."""
+"""What the pruners that merge a clip's tokens share (PruneVid, FastVID, HoliTom): the grid, the still/moving
+groups and their shares of the budget, group means, the merged selection."""
 
 from __future__ import annotations
 
@@ -16,6 +17,58 @@ def clip_grid(context: ScoringContext, n: int, pruner: str) -> tuple[int, int, i
     if grid[0] * grid[1] * grid[2] != n:
         raise ValueError(f"pruner {pruner!r}: token_grid {grid} does not hold {n} tokens")
     return grid
+
+
+def shares(sizes: list[int], total: int) -> list[int]:
+    """Split ``total`` over groups in proportion to ``sizes`` (largest remainders, earlier groups first)."""
+    whole = sum(sizes)
+    quotas = [total * s / whole for s in sizes]
+    counts = [int(q) for q in quotas]
+    order = sorted(range(len(sizes)), key=lambda g: (-(quotas[g] - counts[g]), g))
+    for g in order[: total - sum(counts)]:
+        counts[g] += 1
+    return counts
+
+
+def item_means(tokens: torch.Tensor, items: list[list[int]]) -> torch.Tensor:
+    """``tokens [N, D]``, ``items``: token index sets -> each set's mean ``[len(items), D]`` (one index_add)."""
+    sizes = torch.tensor([len(item) for item in items])
+    rows = tokens.index_select(0, torch.tensor([t for item in items for t in item]))  # [sum(sizes), D]
+    if len(rows) == len(items):  # single tokens (an image, or a scene with nothing still): no averaging
+        return rows
+    owner = torch.repeat_interleave(torch.arange(len(items)), sizes)  # [sum(sizes)]
+    sums = tokens.new_zeros(len(items), tokens.shape[-1]).index_add_(0, owner, rows)
+    return sums / sizes[:, None].to(tokens.dtype)
+
+
+def still_and_moving_groups(
+    spans: list[tuple[int, int]], per_frame: int, stillness: dict[tuple[int, int], float], budget: int
+) -> list[tuple[bool, list[list[int]]]]:
+    """Merge groups of a clip whose still positions merge over their segment (PruneVid, HoliTom).
+
+    ``stillness``: ``(segment, position) -> score`` of the positions still over their segment. When
+    merging them all leaves fewer than ``budget`` tokens, the least still (lowest score, then key) move
+    again until enough are left. Returns ``(still, items)`` groups: per segment its still items (each the
+    position's tokens over the segment's frames), then each frame's moving tokens as one-token items.
+    """
+    still = dict(stillness)
+    count = sum(stop - start for start, stop in spans) * per_frame
+    count -= sum(spans[s][1] - spans[s][0] - 1 for s, _ in still)
+    for key in sorted(still, key=lambda k: (still[k], k)):
+        if count >= budget:
+            break
+        count += spans[key[0]][1] - spans[key[0]][0] - 1
+        del still[key]
+    groups: list[tuple[bool, list[list[int]]]] = []
+    for s, (start, stop) in enumerate(spans):
+        positions = sorted(q for (segment, q) in still if segment == s)
+        if positions:
+            groups.append((True, [[t * per_frame + q for t in range(start, stop)] for q in positions]))
+        moving = sorted(set(range(per_frame)) - set(positions))
+        for t in range(start, stop):
+            if moving:
+                groups.append((False, [[t * per_frame + q] for q in moving]))
+    return groups
 
 
 def merged_selection(units: list[tuple[list[int], list[dict[int, float]]]], n: int, dtype, device) -> Selection:

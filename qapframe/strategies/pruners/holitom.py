@@ -28,8 +28,7 @@ import torch
 from pydantic import Field
 
 from qapframe.strategies.base import PRUNERS, PrunerConfig
-from qapframe.strategies.pruners.clips import ClipMergingPruner
-from qapframe.strategies.pruners.prunevid import item_means, shares
+from qapframe.strategies.pruners.clips import ClipMergingPruner, item_means, shares, still_and_moving_groups
 from qapframe.strategies.pruners.selection import density_peak_centres
 
 
@@ -88,27 +87,12 @@ def holitom_rows(
         for s in range(len(spans))
         for q in (worst[s] > config.static_threshold).nonzero().squeeze(-1).tolist()
     }
-    count = frames * per_frame - sum(spans[s][1] - spans[s][0] - 1 for s, _ in still)
-    for key in sorted(still, key=lambda k: (still[k], k)):  # too few left: the least still move again
-        if count >= budget:
-            break
-        count += spans[key[0]][1] - spans[key[0]][0] - 1
-        del still[key]
-    # step 3's groups: per segment its still items, then each frame's moving tokens
-    groups: list[tuple[str, list[list[int]]]] = []
-    for s, (first, stop) in enumerate(spans):
-        positions = sorted(q for (seg, q) in still if seg == s)
-        if positions:
-            groups.append(("still", [[t * per_frame + q for t in range(first, stop)] for q in positions]))
-        moving = sorted(set(range(per_frame)) - set(positions))
-        for t in range(first, stop):
-            if moving:
-                groups.append(("moving", [[t * per_frame + q] for q in moving]))
+    groups = still_and_moving_groups(spans, per_frame, still, budget)
     rows: dict[int, dict[int, float]] = {}
-    for (kind, items), keep in zip(groups, shares([len(items) for _, items in groups], budget)):
+    for (is_still, items), keep in zip(groups, shares([len(items) for _, items in groups], budget)):
         if keep == 0:
             continue
-        if kind == "moving":
+        if not is_still:
             tokens = [item[0] for item in items]
             top = torch.sort(scores[tokens].double(), descending=True, stable=True).indices[:keep]
             rows.update({tokens[i]: {tokens[i]: 1.0} for i in top.tolist()})

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from qapframe.strategies.base import PRUNERS, PrunerConfig
-from qapframe.strategies.pruners.clips import ClipMergingPruner
+from qapframe.strategies.pruners.clips import ClipMergingPruner, item_means, shares, still_and_moving_groups
 from qapframe.strategies.pruners.selection import density_peak_clusters
 
 
@@ -77,57 +77,18 @@ def static_scores(clip: torch.Tensor) -> torch.Tensor:
     return (unit.sum(dim=0).square().sum(dim=-1) - w) / (w * (w - 1))
 
 
-def shares(sizes: list[int], total: int) -> list[int]:
-    """Split ``total`` over groups in proportion to ``sizes`` (largest remainders, earlier groups first)."""
-    whole = sum(sizes)
-    quotas = [total * s / whole for s in sizes]
-    counts = [int(q) for q in quotas]
-    order = sorted(range(len(sizes)), key=lambda g: (-(quotas[g] - counts[g]), g))
-    for g in order[: total - sum(counts)]:
-        counts[g] += 1
-    return counts
-
-
-def item_means(tokens: torch.Tensor, items: list[list[int]]) -> torch.Tensor:
-    """``tokens [N, D]``, ``items``: token index sets -> each set's mean ``[len(items), D]`` (one index_add)."""
-    sizes = torch.tensor([len(item) for item in items])
-    rows = tokens.index_select(0, torch.tensor([t for item in items for t in item]))  # [sum(sizes), D]
-    if len(rows) == len(items):  # single tokens (an image, or a scene with nothing still): no averaging
-        return rows
-    owner = torch.repeat_interleave(torch.arange(len(items)), sizes)  # [sum(sizes)]
-    sums = tokens.new_zeros(len(items), tokens.shape[-1]).index_add_(0, owner, rows)
-    return sums / sizes[:, None].to(tokens.dtype)
-
-
 def prunevid_groups(clip: torch.Tensor, grid: tuple[int, int, int], budget: int, config: PruneVidConfig) -> list[list[int]]:
     """``clip [N, D]`` -> ``budget`` disjoint sets of token indices, each merged into one token."""
     frames, per_frame = grid[0], grid[1] * grid[2]
     x = clip.double().view(frames, per_frame, -1)
     spans = scenes(x.mean(dim=1), config.segment_ratio, config.neighbours)
-    # static positions per scene, as (score, scene, position); made dynamic again least static first
-    static = {}
+    static = {}  # (scene, position) -> its mean pairwise cosine, for the positions above the threshold
     for s, (start, stop) in enumerate(spans):
         if stop - start >= 2:
             score = static_scores(x[start:stop])
             for p in (score > config.static_threshold).nonzero().squeeze(-1).tolist():
                 static[(s, p)] = float(score[p])
-    count = frames * per_frame - sum(spans[s][1] - spans[s][0] - 1 for s, _ in static)
-    for key in sorted(static, key=lambda k: (static[k], k)):
-        if count >= budget:
-            break
-        s, _ = key
-        count += spans[s][1] - spans[s][0] - 1
-        del static[key]
-    # the groups of step 3: per scene its static items, then each frame's dynamic items; an item is a token set
-    groups: list[list[list[int]]] = []
-    for s, (start, stop) in enumerate(spans):
-        still = sorted(p for (scene, p) in static if scene == s)
-        if still:
-            groups.append([[t * per_frame + p for t in range(start, stop)] for p in still])
-        moving = sorted(set(range(per_frame)) - set(still))
-        for t in range(start, stop):
-            if moving:
-                groups.append([[t * per_frame + p] for p in moving])
+    groups = [items for _, items in still_and_moving_groups(spans, per_frame, static, budget)]
     out = []
     for items, clusters in zip(groups, shares([len(g) for g in groups], budget)):
         if clusters == 0:

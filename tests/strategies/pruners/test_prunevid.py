@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from qapframe.strategies.base import PRUNERS
 from qapframe.strategies.context import ScoringContext
-from qapframe.strategies.pruners.prunevid import PruneVidConfig, prunevid_groups, scenes, shares, static_scores
+from qapframe.strategies.pruners.clips import shares
+from qapframe.strategies.pruners.prunevid import PruneVidConfig, prunevid_groups, scenes, static_scores
 
 
 def noisy_scenes(pattern: list[int], per_frame: int, dim: int, seed: int, noise: float = 0.02) -> torch.Tensor:
